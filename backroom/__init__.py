@@ -1,0 +1,38 @@
+"""backroom: background jobs for Python applications. One shared worker runs every job of an
+app; each job travels in one envelope (name, source, payload, tags) and is checked, run and
+reported by name. SQLite embedded by default, Redis for many machines."""
+
+from backroom.app import App, Context, Handle
+from backroom.envelope import Envelope, State
+from backroom.errors import (
+    BackroomError,
+    BadEnvelope,
+    BrokerError,
+    ConfigError,
+    InvalidPayload,
+    JobFailed,
+    JobNotFound,
+    PayloadTooLarge,
+    ResultTimeout,
+    SourceNotAllowed,
+    UnknownJob,
+)
+
+__all__ = [
+    "App",
+    "BackroomError",
+    "BadEnvelope",
+    "BrokerError",
+    "ConfigError",
+    "Context",
+    "Envelope",
+    "Handle",
+    "InvalidPayload",
+    "JobFailed",
+    "JobNotFound",
+    "PayloadTooLarge",
+    "ResultTimeout",
+    "SourceNotAllowed",
+    "State",
+    "UnknownJob",
+]

@@ -1,0 +1,317 @@
+"""The Broker contract: where envelopes wait and outcomes are kept, plus the records it returns.
+A broker stores; it never imports app code, runs jobs or decides policy (backoff, checks)."""
+
+from __future__ import annotations
+
+import bisect
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from backroom.envelope import JSON, Envelope, State
+
+# -- records ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A job reserved by one worker. `envelope.attempt` is this run's number (1 = first run).
+    `attempt_id` is new on every claim: ack/nack/extend with a stale one return False."""
+
+    envelope: Envelope
+    lease_until: float
+    attempt_id: str
+
+    @property
+    def id(self) -> str:
+        return self.envelope.id
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why one attempt failed: exception type name, message and formatted traceback."""
+
+    type: str
+    message: str
+    traceback: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """Everything the broker knows about one job."""
+
+    id: str
+    state: State
+    envelope: Envelope
+    attempts: int = 0
+    created_at: float = 0.0
+    queued_at: float | None = None  # when it last became runnable (eta reached, or enqueued)
+    started_at: float | None = None  # start of the latest attempt
+    finished_at: float | None = None
+    progress: float | None = None
+    progress_message: str | None = None
+    result: JSON = None
+    error: Failure | None = None  # the latest attempt's failure, if any
+    reason: str | None = None  # why it was rejected or cancelled ("expired", "cancelled by api")
+    worker_id: str | None = None
+    cancel_requested: bool = False
+
+    @property
+    def job(self) -> str:
+        return self.envelope.job
+
+
+@dataclass(frozen=True, slots=True)
+class JobQuery:
+    """A page of jobs, newest first. `before` is an id: only jobs created before it (the cursor
+    for the next page). Every combination is served by an index, never a scan of all jobs."""
+
+    state: State | None = None
+    job: str | None = None
+    tag: str | None = None
+    limit: int = 50
+    before: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Histogram:
+    """A fixed-bucket latency histogram (see BUCKET_BOUNDS): bounded memory however many samples."""
+
+    buckets: Mapping[int, int] = field(default_factory=dict)  # bucket index -> count
+    count: int = 0
+    total: float = 0.0
+    max: float = 0.0
+
+    def quantile(self, q: float) -> float | None:
+        """The q-quantile in seconds (upper bound of its bucket, capped at max); None if empty."""
+        if self.count == 0:
+            return None
+        rank = q * self.count
+        seen = 0
+        for index in sorted(self.buckets):
+            seen += self.buckets[index]
+            if seen >= rank:
+                return min(BUCKET_BOUNDS[min(index, len(BUCKET_BOUNDS) - 1)], self.max)
+        return self.max
+
+
+@dataclass(frozen=True, slots=True)
+class JobStats:
+    """Per job name: counts by state, run and wait time, retries, lease recoveries, rejections.
+    Counts of final states are totals since the last purge; the others are current."""
+
+    job: str
+    counts: Mapping[str, int] = field(default_factory=dict)
+    run_time: Histogram = field(default_factory=Histogram)
+    wait_time: Histogram = field(default_factory=Histogram)
+    retries: int = 0
+    recoveries: int = 0
+    rejections: Mapping[str, int] = field(default_factory=dict)  # reason -> count
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    jobs: Mapping[str, JobStats] = field(default_factory=dict)
+    queues: Mapping[str, int] = field(default_factory=dict)  # queue -> queued depth
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """What a live worker reports with each heartbeat."""
+
+    id: str
+    host: str
+    pid: int
+    queues: tuple[str, ...]
+    concurrency: int
+    started_at: float
+    seen_at: float
+    current: tuple[str, ...] = ()  # ids of the jobs it runs now
+
+
+# -- histogram buckets: 50 microseconds to about a day, each bound 1.25x the one before -------
+
+BUCKET_BOUNDS: tuple[float, ...] = tuple(5e-5 * 1.25**i for i in range(96))
+
+
+def bucket_of(seconds: float) -> int:
+    return bisect.bisect_left(BUCKET_BOUNDS, max(seconds, 0.0))
+
+
+def merge_sample(hist: dict[int, int], seconds: float) -> None:
+    index = bucket_of(seconds)
+    hist[index] = hist.get(index, 0) + 1
+
+
+def reason_category(reason: str) -> str:
+    """Rejections are counted by category: a reason reads "category: detail" ("unknown job:
+    no job named 'x'"), and stats keep the part before the colon, so counters stay bounded."""
+    return reason.split(":", 1)[0].strip()[:80]
+
+
+def finite(value: float) -> float:
+    return value if math.isfinite(value) else 0.0
+
+
+# -- the contract ----------------------------------------------------------------------------
+
+
+class Broker(ABC):
+    """Where envelopes wait and outcomes are kept. Each method is one atomic step (a SQLite
+    transaction, a Lua script, a lock hold): a crash never leaves half a change. `now` is a
+    parameter wherever time matters, so tests move time instead of sleeping; None means now."""
+
+    url: str
+
+    # -- producing ------------------------------------------------------------------------------
+    @abstractmethod
+    def enqueue(self, envelopes: Sequence[Envelope], now: float | None = None) -> list[str]:
+        """Store envelopes, all or none. An envelope with `eta` in the future is `scheduled`,
+        else `queued`. An envelope whose `unique_key` is held by a live job is not stored: its
+        place in the returned list holds that job's id. Returns ids in order."""
+
+    # -- consuming ------------------------------------------------------------------------------
+    @abstractmethod
+    def claim(
+        self,
+        queues: Sequence[str],
+        worker_id: str,
+        lease_s: float,
+        limit: int,
+        now: float | None = None,
+    ) -> list[Claim]:
+        """Reserve up to `limit` queued jobs: queues in the order given, within a queue higher
+        priority first, then oldest first; paused queues are skipped. Each becomes `running`
+        with a lease until now + lease_s and attempts + 1. A queued job whose `expires` has
+        passed is not returned: it ends `cancelled` with reason "expired"."""
+
+    @abstractmethod
+    def wait_for_work(self, queues: Sequence[str], timeout_s: float) -> None:
+        """Block until a job may be claimable from `queues`, or timeout. May return early;
+        never busy-spins. Callers claim afterwards."""
+
+    @abstractmethod
+    def extend(self, claims: Sequence[Claim], lease_s: float, now: float | None = None) -> set[str]:
+        """Renew leases (the heartbeat). Returns the ids still leased to these claims."""
+
+    @abstractmethod
+    def cancel_requested(self, job_ids: Sequence[str]) -> set[str]:
+        """Of these running jobs, the ids someone asked to cancel."""
+
+    @abstractmethod
+    def ack(self, outcomes: Sequence[tuple[Claim, JSON]], now: float | None = None) -> list[bool]:
+        """Record successes (claim, result) in one step: `succeeded`, result kept. For each:
+        False when the lease was lost (nothing written)."""
+
+    @abstractmethod
+    def nack(
+        self, claim: Claim, failure: Failure, retry_at: float | None, now: float | None = None
+    ) -> bool:
+        """Record a failed attempt: `retrying` until retry_at, or `dead` when retry_at is None.
+        False when the lease was lost (nothing written)."""
+
+    @abstractmethod
+    def reject(self, claim: Claim, reason: str, now: float | None = None) -> bool:
+        """A check failed in the worker: `rejected` with the reason; never retried."""
+
+    @abstractmethod
+    def finish_cancelled(self, claim: Claim, reason: str, now: float | None = None) -> bool:
+        """A running job stopped because it was cancelled: `cancelled` with the reason."""
+
+    @abstractmethod
+    def release(self, claims: Sequence[Claim], now: float | None = None) -> int:
+        """Hand running jobs back (graceful shutdown): `queued` again at once, the attempt not
+        counted. Returns how many were still ours."""
+
+    @abstractmethod
+    def progress(
+        self, claim: Claim, fraction: float, message: str | None, now: float | None = None
+    ) -> bool:
+        """Record a running job's progress (0..1) and message. False when the lease was lost."""
+
+    # -- control --------------------------------------------------------------------------------
+    @abstractmethod
+    def cancel(self, job_id: str, reason: str = "cancelled", now: float | None = None) -> bool:
+        """Scheduled/queued/retrying -> `cancelled` at once (it never runs); running -> marked
+        so its worker stops it. True if it will not run or was told to stop; False if it had
+        already finished or does not exist."""
+
+    @abstractmethod
+    def retry(self, job_id: str, now: float | None = None) -> bool:
+        """A dead, rejected or cancelled job -> `queued` again with its attempts reset."""
+
+    @abstractmethod
+    def delete(self, job_ids: Sequence[str]) -> int:
+        """Forget finished jobs (final states only). Returns how many were deleted."""
+
+    @abstractmethod
+    def pause(self, queue: str) -> None:
+        """Stop reservation from `queue` on every worker; enqueue keeps working."""
+
+    @abstractmethod
+    def resume(self, queue: str) -> None: ...
+
+    @abstractmethod
+    def paused(self) -> set[str]: ...
+
+    # -- time -----------------------------------------------------------------------------------
+    @abstractmethod
+    def promote_due(self, now: float | None = None, limit: int = 1000) -> int:
+        """Scheduled/retrying jobs whose eta <= now -> `queued`. Returns how many moved."""
+
+    @abstractmethod
+    def sweep_expired(self, now: float | None = None, limit: int = 1000) -> list[str]:
+        """Running jobs whose lease ran out -> `queued` again (counted as a recovery), or `dead`
+        when that attempt was their last. Returns the ids recovered."""
+
+    @abstractmethod
+    def fire_once(self, schedule: str, tick: float) -> bool:
+        """True for exactly one caller per (schedule, tick), however many race."""
+
+    @abstractmethod
+    def last_fired(self, schedule: str) -> float | None:
+        """The latest tick fire_once granted for this schedule."""
+
+    @abstractmethod
+    def prune(self, finished_before: float, states: Sequence[State], limit: int = 1000) -> int:
+        """Forget jobs in these final states that finished before the given time."""
+
+    # -- reading --------------------------------------------------------------------------------
+    @abstractmethod
+    def get(self, job_id: str) -> JobRecord | None: ...
+
+    @abstractmethod
+    def get_many(self, job_ids: Sequence[str]) -> list[JobRecord | None]: ...
+
+    @abstractmethod
+    def jobs(self, query: JobQuery) -> list[JobRecord]:
+        """Newest first, served by an index."""
+
+    @abstractmethod
+    def wait_finished(self, job_id: str, timeout_s: float) -> JobRecord | None:
+        """Block until the job is in a final state (returns its record) or timeout (returns its
+        current record). None if there is no such job."""
+
+    @abstractmethod
+    def stats(self) -> Stats: ...
+
+    # -- workers --------------------------------------------------------------------------------
+    @abstractmethod
+    def register_worker(self, info: WorkerInfo, ttl_s: float) -> None:
+        """Heartbeat: the worker is live until seen_at + ttl_s."""
+
+    @abstractmethod
+    def unregister_worker(self, worker_id: str) -> None: ...
+
+    @abstractmethod
+    def workers(self, now: float | None = None) -> list[WorkerInfo]:
+        """Workers whose heartbeat has not expired."""
+
+    # -- housekeeping ---------------------------------------------------------------------------
+    @abstractmethod
+    def purge(self) -> None:
+        """Drop everything: jobs, counters, schedules, pauses (tests, resets)."""
+
+    @abstractmethod
+    def close(self) -> None: ...

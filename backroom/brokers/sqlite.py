@@ -1,0 +1,989 @@
+"""The embedded SQLite broker (sqlite:///FILE, and memory:// on an in-memory database).
+WAL mode; every method is one BEGIN IMMEDIATE transaction; every query is served by an index,
+and counters are kept per state change so stats never scan the jobs table."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import msgspec
+
+from backroom.brokers.base import (
+    Broker,
+    Claim,
+    Failure,
+    Histogram,
+    JobQuery,
+    JobRecord,
+    JobStats,
+    Stats,
+    WorkerInfo,
+    bucket_of,
+    reason_category,
+)
+from backroom.envelope import FINAL_STATES, JSON, Envelope, State, decode, encode_json
+from backroom.errors import BadEnvelope, BrokerError, ConfigError
+
+# Tables: jobs (one row per job; seq orders FIFO and newest-first), tags (tag -> seq), uniques
+# (unique_key -> holding job), counts (job, queue, state -> n), hist/timing/events (stats),
+# paused (queue), schedules (name -> last tick fired), workers (heartbeats).
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    job TEXT NOT NULL,
+    queue TEXT NOT NULL,
+    state TEXT NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    due_at REAL,
+    lease_until REAL,
+    expires REAL,
+    envelope BLOB NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    max_retries INTEGER NOT NULL DEFAULT 0,
+    attempt_id TEXT,
+    worker_id TEXT,
+    unique_key TEXT,
+    unique_for TEXT,
+    created_at REAL NOT NULL,
+    queued_at REAL,
+    started_at REAL,
+    finished_at REAL,
+    progress REAL,
+    progress_message TEXT,
+    result BLOB,
+    error BLOB,
+    reason TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_ready ON jobs(queue, priority DESC, seq) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs(due_at) WHERE state IN ('scheduled', 'retrying');
+CREATE INDEX IF NOT EXISTS jobs_lease ON jobs(lease_until) WHERE state = 'running';
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
+CREATE INDEX IF NOT EXISTS jobs_name ON jobs(job, seq);
+CREATE INDEX IF NOT EXISTS jobs_name_state ON jobs(job, state, seq);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(state, finished_at) WHERE finished_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS tags (tag TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (tag, seq))
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS uniques (key TEXT PRIMARY KEY, job_id TEXT NOT NULL, until REAL)
+    WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS counts (job TEXT, queue TEXT, state TEXT, n INTEGER NOT NULL,
+    PRIMARY KEY (job, queue, state)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS hist (job TEXT, kind TEXT, bucket INTEGER, n INTEGER NOT NULL,
+    PRIMARY KEY (job, kind, bucket)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS timing (job TEXT, kind TEXT, count INTEGER NOT NULL,
+    total REAL NOT NULL, max REAL NOT NULL, PRIMARY KEY (job, kind)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (job TEXT, kind TEXT, n INTEGER NOT NULL,
+    PRIMARY KEY (job, kind)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS paused (queue TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS schedules (name TEXT PRIMARY KEY, tick REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, info BLOB NOT NULL,
+    expires_at REAL NOT NULL) WITHOUT ROWID;
+"""
+
+INSERT_JOB = """INSERT INTO jobs (id, job, queue, state, priority, due_at, expires, envelope,
+    max_retries, unique_key, unique_for, created_at, queued_at)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+SELECT_READY = """SELECT seq, id, job, queue, envelope, attempts, expires, queued_at, unique_key,
+    unique_for FROM jobs WHERE state = 'queued' AND queue = ?
+    ORDER BY priority DESC, seq LIMIT ?"""
+START_RUN = """UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_until = ?,
+    worker_id = ?, attempt_id = ?, started_at = ?, cancel_requested = 0, progress = NULL,
+    progress_message = NULL WHERE seq = ?"""
+# A write that needs the lease: matches only while this claim still owns the running job.
+OWNED = "id = ? AND attempt_id = ? AND state = 'running'"
+RETURNS = "RETURNING job, queue, started_at, unique_key, unique_for"
+SELECT_OWNED = f"""SELECT seq, job, queue, cancel_requested, reason, unique_key, unique_for
+    FROM jobs WHERE {OWNED}"""
+REQUEUE_RELEASED = """UPDATE jobs SET state = 'queued', attempts = attempts - 1, lease_until = NULL,
+    worker_id = NULL, attempt_id = NULL, queued_at = ? WHERE seq = ?"""
+# The reason is kept so that the job ends with it even when its worker never reports back.
+REQUEST_CANCEL = "UPDATE jobs SET cancel_requested = 1, reason = ? WHERE seq = ?"
+SELECT_LEASE_EXPIRED = """SELECT seq, id, job, queue, attempts, max_retries, unique_key,
+    unique_for, cancel_requested, reason FROM jobs WHERE state = 'running' AND lease_until < ?
+    ORDER BY lease_until LIMIT ?"""
+RECORD_COLUMNS = """id, state, envelope, attempts, created_at, queued_at, started_at,
+    finished_at, progress, progress_message, result, error, reason, worker_id,
+    cancel_requested, job, queue, seq"""
+
+LIVE_STATES = ("scheduled", "queued", "running", "retrying")
+DEFAULT_BUSY_TIMEOUT_MS = 30_000
+MAX_BUSY_RETRIES = 20
+
+_failure_encoder = msgspec.json.Encoder()
+_failure_decoder = msgspec.json.Decoder(dict[str, str])
+_worker_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+def _now(now: float | None) -> float:
+    return time.time() if now is None else now
+
+
+def _attempt_token() -> str:
+    return os.urandom(6).hex()
+
+
+class SQLiteBroker(Broker):
+    """One connection per broker, guarded by a lock (SQLite serializes writers anyway). Safe to
+    share between threads; several processes may open the same file."""
+
+    def __init__(self, path: str, url: str | None = None) -> None:
+        self.path = path
+        self.url = url or f"sqlite:///{path}"
+        self._lock = threading.RLock()
+        self._local_change = threading.Condition(threading.Lock())
+        self._version = 0  # bumped on local commits; wakes local waiters
+        try:
+            if path != ":memory:":
+                parent = os.path.dirname(os.path.abspath(path))
+                if not os.path.isdir(parent):
+                    raise ConfigError(
+                        f"SQLite broker {self.url!r}: folder {parent!r} does not exist"
+                    )
+            self._db = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, timeout=30.0
+            )
+            self._db.execute(f"PRAGMA busy_timeout = {DEFAULT_BUSY_TIMEOUT_MS}")
+            if path != ":memory:":
+                self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._create_schema()
+        except sqlite3.Error as exc:
+            raise BrokerError(f"cannot open SQLite broker {self.url!r}: {exc}") from None
+
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteBroker:
+        parts = urlsplit(url)
+        path = unquote(parts.path)
+        if parts.netloc not in ("", "localhost"):
+            raise ConfigError(
+                f"broker URL {url!r}: a SQLite URL has no host; use sqlite:///relative.db "
+                "or sqlite:////absolute/path.db"
+            )
+        path = path[1:] if path.startswith("/") else path  # sqlite:///x.db -> x.db
+        if not path:
+            raise ConfigError(f"broker URL {url!r} names no file; use sqlite:///backroom.db")
+        return cls(path, url=url)
+
+    def _create_schema(self) -> None:
+        with self._lock:
+            # executescript commits on its own; each CREATE is idempotent.
+            self._retry_busy(lambda: self._db.executescript(SCHEMA))
+
+    def _retry_busy(self, fn: Any) -> Any:
+        for attempt in range(MAX_BUSY_RETRIES):
+            try:
+                return fn()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                time.sleep(min(0.01 * 2**attempt, 1.0))
+        return fn()
+
+    # -- transactions ---------------------------------------------------------------------------
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One BEGIN IMMEDIATE transaction; `database is locked` is retried, never surfaced
+        under normal contention. Local waiters are woken after a commit."""
+        with self._lock:
+            try:
+                self._retry_busy(lambda: self._db.execute("BEGIN IMMEDIATE"))
+            except sqlite3.Error as exc:
+                raise self._error(exc) from None
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise self._error(exc) from None
+                raise
+        with self._local_change:
+            self._version += 1
+            self._local_change.notify_all()
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                raise self._error(exc) from None
+
+    def _error(self, exc: sqlite3.Error) -> BrokerError:
+        text = str(exc)
+        if "readonly" in text or "read-only" in text:
+            return BrokerError(f"SQLite broker {self.url!r} is read-only: {text}")
+        if "full" in text:
+            return BrokerError(f"SQLite broker {self.url!r}: disk full ({text})")
+        return BrokerError(f"SQLite broker {self.url!r}: {text}")
+
+    # -- bookkeeping inside a transaction ---------------------------------------------------------
+    @staticmethod
+    def _count(db: sqlite3.Connection, deltas: Counter[tuple[str, str, str]]) -> None:
+        db.executemany(
+            "INSERT INTO counts (job, queue, state, n) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (job, queue, state) DO UPDATE SET n = n + excluded.n",
+            [(job, queue, state, n) for (job, queue, state), n in deltas.items() if n],
+        )
+
+    @staticmethod
+    def _time(db: sqlite3.Connection, samples: Iterable[tuple[str, str, float]]) -> None:
+        buckets: Counter[tuple[str, str, int]] = Counter()
+        totals: dict[tuple[str, str], list[float]] = {}
+        for job, kind, seconds in samples:
+            seconds = max(seconds, 0.0)
+            buckets[(job, kind, bucket_of(seconds))] += 1
+            acc = totals.setdefault((job, kind), [0, 0.0, 0.0])
+            acc[0] += 1
+            acc[1] += seconds
+            acc[2] = max(acc[2], seconds)
+        db.executemany(
+            "INSERT INTO hist (job, kind, bucket, n) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (job, kind, bucket) DO UPDATE SET n = n + excluded.n",
+            [(job, kind, b, n) for (job, kind, b), n in buckets.items()],
+        )
+        db.executemany(
+            "INSERT INTO timing (job, kind, count, total, max) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (job, kind) DO UPDATE SET count = count + excluded.count, "
+            "total = total + excluded.total, max = MAX(max, excluded.max)",
+            [(job, kind, int(c), t, m) for (job, kind), (c, t, m) in totals.items()],
+        )
+
+    @staticmethod
+    def _event(db: sqlite3.Connection, job: str, kind: str, n: int = 1) -> None:
+        db.execute(
+            "INSERT INTO events (job, kind, n) VALUES (?, ?, ?) "
+            "ON CONFLICT (job, kind) DO UPDATE SET n = n + excluded.n",
+            (job, kind, n),
+        )
+
+    @staticmethod
+    def _free_unique(
+        db: sqlite3.Connection, job_id: str, key: str | None, mode: str | None, when: str
+    ) -> None:
+        """Release a unique key held by this job. `when` is "start" or "finish"; a key held for a
+        number of seconds is only released by time."""
+        if key is None:
+            return
+        held_until_finish = mode in (None, "finish")
+        if (
+            (when == "start" and mode == "start")
+            or (when == "finish" and held_until_finish)
+            or (when == "finish" and mode == "start")
+        ):
+            db.execute("DELETE FROM uniques WHERE key = ? AND job_id = ?", (key, job_id))
+
+    # -- producing --------------------------------------------------------------------------------
+    def enqueue(self, envelopes: Sequence[Envelope], now: float | None = None) -> list[str]:
+        now = _now(now)
+        ids: list[str] = []
+        deltas: Counter[tuple[str, str, str]] = Counter()
+        with self._tx() as db:
+            for env in envelopes:
+                if env.unique_key is not None:
+                    held = db.execute(
+                        "SELECT job_id, until FROM uniques WHERE key = ?", (env.unique_key,)
+                    ).fetchone()
+                    if held is not None and (held[1] is None or held[1] > now):
+                        ids.append(held[0])
+                        continue
+                    # held for N seconds after this enqueue (`now`): created_at is the
+                    # producer's clock and may be absent (0.0) in envelopes from elsewhere
+                    until = (
+                        now + float(env.unique_for)
+                        if isinstance(env.unique_for, int | float)
+                        else None
+                    )
+                    db.execute(
+                        "INSERT OR REPLACE INTO uniques (key, job_id, until) VALUES (?, ?, ?)",
+                        (env.unique_key, env.id, until),
+                    )
+                scheduled = env.eta is not None and env.eta > now
+                state = "scheduled" if scheduled else "queued"
+                cursor = db.execute(
+                    INSERT_JOB,
+                    (
+                        env.id,
+                        env.job,
+                        env.queue,
+                        state,
+                        env.priority,
+                        env.eta if scheduled else None,
+                        env.expires,
+                        env.encode(),
+                        env.max_retries,
+                        env.unique_key,
+                        None if env.unique_for is None else str(env.unique_for),
+                        env.created_at or now,
+                        None if scheduled else now,
+                    ),
+                )
+                if env.tags:
+                    db.executemany(
+                        "INSERT OR IGNORE INTO tags (tag, seq) VALUES (?, ?)",
+                        [(tag, cursor.lastrowid) for tag in env.tags],
+                    )
+                deltas[(env.job, env.queue, state)] += 1
+                ids.append(env.id)
+            self._count(db, deltas)
+        return ids
+
+    # -- consuming --------------------------------------------------------------------------------
+    def claim(
+        self,
+        queues: Sequence[str],
+        worker_id: str,
+        lease_s: float,
+        limit: int,
+        now: float | None = None,
+    ) -> list[Claim]:
+        now = _now(now)
+        lease_until = now + lease_s
+        claims: list[Claim] = []
+        deltas: Counter[tuple[str, str, str]] = Counter()
+        waits: list[tuple[str, str, float]] = []
+        with self._tx() as db:
+            paused = {row[0] for row in db.execute("SELECT queue FROM paused")}
+            for queue in queues:
+                if queue in paused:
+                    continue
+                while len(claims) < limit:
+                    rows = db.execute(SELECT_READY, (queue, limit - len(claims))).fetchall()
+                    if not rows:
+                        break
+                    for seq, job_id, job, q, raw, attempts, expires, queued_at, ukey, ufor in rows:
+                        deltas[(job, q, "queued")] -= 1
+                        if expires is not None and expires <= now:
+                            self._finish_row(db, seq, "cancelled", now, reason="expired")
+                            self._free_unique(db, job_id, ukey, ufor, "finish")
+                            deltas[(job, q, "cancelled")] += 1
+                            continue
+                        try:
+                            env = decode(raw).with_attempt(attempts + 1)
+                        except BadEnvelope as exc:
+                            self._finish_row(db, seq, "rejected", now, reason=str(exc))
+                            self._event(db, job, f"reject:{reason_category(str(exc))}")
+                            deltas[(job, q, "rejected")] += 1
+                            continue
+                        token = _attempt_token()
+                        db.execute(START_RUN, (lease_until, worker_id, token, now, seq))
+                        self._free_unique(db, job_id, ukey, ufor, "start")
+                        deltas[(job, q, "running")] += 1
+                        waits.append((job, "wait", now - (queued_at or now)))
+                        claims.append(Claim(env, lease_until, token))
+                if len(claims) >= limit:
+                    break
+            self._count(db, deltas)
+            self._time(db, waits)
+        return claims
+
+    @staticmethod
+    def _finish_row(
+        db: sqlite3.Connection, seq: int, state: str, now: float, reason: str | None = None
+    ) -> None:
+        db.execute(
+            "UPDATE jobs SET state = ?, finished_at = ?, reason = ?, lease_until = NULL, "
+            "due_at = NULL WHERE seq = ?",
+            (state, now, reason, seq),
+        )
+
+    def wait_for_work(self, queues: Sequence[str], timeout_s: float) -> None:
+        """SQLite has no cross-process notification: watch PRAGMA data_version (it changes when
+        another connection commits) every few milliseconds, and wake at once on local commits."""
+        deadline = time.monotonic() + timeout_s
+        with self._read() as db:
+            start = db.execute("PRAGMA data_version").fetchone()[0]
+        local = self._version
+        interval = 0.001
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            with self._local_change:
+                if self._version != local:
+                    return
+                self._local_change.wait(min(interval, remaining))
+                if self._version != local:
+                    return
+            with self._read() as db:
+                if db.execute("PRAGMA data_version").fetchone()[0] != start:
+                    return
+            interval = min(interval * 1.5, 0.02)
+
+    def extend(self, claims: Sequence[Claim], lease_s: float, now: float | None = None) -> set[str]:
+        now = _now(now)
+        kept: set[str] = set()
+        with self._tx() as db:
+            for claim in claims:
+                cursor = db.execute(
+                    f"UPDATE jobs SET lease_until = ? WHERE {OWNED}",
+                    (now + lease_s, claim.id, claim.attempt_id),
+                )
+                if cursor.rowcount:
+                    kept.add(claim.id)
+        return kept
+
+    def cancel_requested(self, job_ids: Sequence[str]) -> set[str]:
+        if not job_ids:
+            return set()
+        marks = ",".join("?" * len(job_ids))
+        with self._read() as db:
+            rows = db.execute(
+                f"SELECT id FROM jobs WHERE id IN ({marks}) AND state = 'running' "
+                "AND cancel_requested = 1",
+                list(job_ids),
+            ).fetchall()
+        return {row[0] for row in rows}
+
+    def _end(
+        self,
+        db: sqlite3.Connection,
+        claim: Claim,
+        state: str,
+        now: float,
+        deltas: Counter[tuple[str, str, str]],
+        runs: list[tuple[str, str, float]],
+        **columns: Any,
+    ) -> bool:
+        """Move a job this claim owns from running to `state`, setting `columns`."""
+        names = ", ".join(f"{name} = ?" for name in columns)
+        row = db.execute(
+            f"UPDATE jobs SET state = ?, lease_until = NULL, {names} WHERE {OWNED} {RETURNS}",
+            (state, *columns.values(), claim.id, claim.attempt_id),
+        ).fetchone()
+        if row is None:
+            return False
+        job, queue, started_at, ukey, ufor = row
+        deltas[(job, queue, "running")] -= 1
+        deltas[(job, queue, state)] += 1
+        runs.append((job, "run", now - (started_at or now)))
+        if state in FINAL_STATES:
+            self._free_unique(db, claim.id, ukey, ufor, "finish")
+        return True
+
+    def ack(self, outcomes: Sequence[tuple[Claim, JSON]], now: float | None = None) -> list[bool]:
+        now = _now(now)
+        encoded = [(claim, encode_json(result)) for claim, result in outcomes]
+        done: list[bool] = []
+        deltas: Counter[tuple[str, str, str]] = Counter()
+        runs: list[tuple[str, str, float]] = []
+        with self._tx() as db:
+            for claim, result in encoded:
+                done.append(
+                    self._end(
+                        db,
+                        claim,
+                        "succeeded",
+                        now,
+                        deltas,
+                        runs,
+                        result=result,
+                        finished_at=now,
+                        progress=1.0,
+                        reason=None,  # a cancel asked for too late: it succeeded all the same
+                    )
+                )
+            self._count(db, deltas)
+            self._time(db, runs)
+        return done
+
+    def nack(
+        self, claim: Claim, failure: Failure, retry_at: float | None, now: float | None = None
+    ) -> bool:
+        now = _now(now)
+        error = _failure_encoder.encode(
+            {"type": failure.type, "message": failure.message, "traceback": failure.traceback}
+        )
+        deltas: Counter[tuple[str, str, str]] = Counter()
+        runs: list[tuple[str, str, float]] = []
+        with self._tx() as db:
+            owned = (
+                None
+                if retry_at is None
+                else db.execute(SELECT_OWNED, (claim.id, claim.attempt_id)).fetchone()
+            )
+            if retry_at is None:
+                ok = self._end(db, claim, "dead", now, deltas, runs, error=error, finished_at=now)
+            elif owned is not None and owned[3]:  # told to stop: a retry would run it again
+                ok = self._end(
+                    db, claim, "cancelled", now, deltas, runs,
+                    error=error, finished_at=now, reason=owned[4] or "cancelled",
+                )  # fmt: skip
+            else:
+                ok = self._end(
+                    db,
+                    claim,
+                    "retrying",
+                    now,
+                    deltas,
+                    runs,
+                    error=error,
+                    due_at=retry_at,
+                    worker_id=None,
+                )
+                if ok:
+                    self._event(db, claim.envelope.job, "retry")
+            if ok:
+                self._count(db, deltas)
+                self._time(db, runs)
+        return ok
+
+    def reject(self, claim: Claim, reason: str, now: float | None = None) -> bool:
+        now = _now(now)
+        deltas: Counter[tuple[str, str, str]] = Counter()
+        runs: list[tuple[str, str, float]] = []
+        with self._tx() as db:
+            ok = self._end(db, claim, "rejected", now, deltas, runs, reason=reason, finished_at=now)
+            if ok:
+                self._count(db, deltas)
+                self._event(db, claim.envelope.job, f"reject:{reason_category(reason)}")
+        return ok
+
+    def finish_cancelled(self, claim: Claim, reason: str, now: float | None = None) -> bool:
+        now = _now(now)
+        deltas: Counter[tuple[str, str, str]] = Counter()
+        runs: list[tuple[str, str, float]] = []
+        with self._tx() as db:
+            ok = self._end(
+                db, claim, "cancelled", now, deltas, runs, reason=reason, finished_at=now
+            )
+            if ok:
+                self._count(db, deltas)
+        return ok
+
+    def release(self, claims: Sequence[Claim], now: float | None = None) -> int:
+        now = _now(now)
+        deltas: Counter[tuple[str, str, str]] = Counter()
+        released = 0
+        with self._tx() as db:
+            for claim in claims:
+                row = db.execute(SELECT_OWNED, (claim.id, claim.attempt_id)).fetchone()
+                if row is None:
+                    continue
+                seq, job, queue, cancel_wanted, reason, ukey, ufor = row
+                released += 1
+                deltas[(job, queue, "running")] -= 1
+                if cancel_wanted:  # told to stop: it must not run again
+                    self._finish_row(db, seq, "cancelled", now, reason=reason or "cancelled")
+                    self._free_unique(db, claim.id, ukey, ufor, "finish")
+                    deltas[(job, queue, "cancelled")] += 1
+                else:
+                    db.execute(REQUEUE_RELEASED, (now, seq))
+                    deltas[(job, queue, "queued")] += 1
+            self._count(db, deltas)
+        return released
+
+    def progress(
+        self, claim: Claim, fraction: float, message: str | None, now: float | None = None
+    ) -> bool:
+        with self._tx() as db:
+            cursor = db.execute(
+                f"UPDATE jobs SET progress = ?, progress_message = ? WHERE {OWNED}",
+                (min(max(fraction, 0.0), 1.0), message, claim.id, claim.attempt_id),
+            )
+            return cursor.rowcount == 1
+
+    # -- control ----------------------------------------------------------------------------------
+    def cancel(self, job_id: str, reason: str = "cancelled", now: float | None = None) -> bool:
+        now = _now(now)
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT seq, state, job, queue, unique_key, unique_for FROM jobs WHERE id = ?",
+                (job_id,),
+            ).fetchone()
+            if row is None:
+                return False
+            seq, state, job, queue, ukey, ufor = row
+            if state == "running":
+                db.execute(REQUEST_CANCEL, (reason, seq))
+                return True
+            if state not in ("scheduled", "queued", "retrying"):
+                return False
+            self._finish_row(db, seq, "cancelled", now, reason=reason)
+            self._free_unique(db, job_id, ukey, ufor, "finish")
+            self._count(db, Counter({(job, queue, state): -1, (job, queue, "cancelled"): 1}))
+            return True
+
+    def retry(self, job_id: str, now: float | None = None) -> bool:
+        now = _now(now)
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT seq, job, queue, state FROM jobs WHERE id = ? "
+                "AND state IN ('dead', 'rejected', 'cancelled')",
+                (job_id,),
+            ).fetchone()
+            if row is None:
+                return False
+            seq, job, queue, old = row
+            db.execute(
+                "UPDATE jobs SET state = 'queued', attempts = 0, queued_at = ?, finished_at = NULL,"
+                " reason = NULL, cancel_requested = 0, due_at = NULL WHERE seq = ?",
+                (now, seq),
+            )
+            self._count(db, Counter({(job, queue, old): -1, (job, queue, "queued"): 1}))
+            return True
+
+    def delete(self, job_ids: Sequence[str]) -> int:
+        if not job_ids:
+            return 0
+        marks = ",".join("?" * len(job_ids))
+        with self._tx() as db:
+            rows = db.execute(
+                f"DELETE FROM jobs WHERE id IN ({marks}) AND state IN "
+                "('succeeded', 'dead', 'cancelled', 'rejected') RETURNING seq",
+                list(job_ids),
+            ).fetchall()
+            db.executemany("DELETE FROM tags WHERE seq = ?", rows)
+        return len(rows)
+
+    def pause(self, queue: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO paused (queue) VALUES (?)", (queue,))
+
+    def resume(self, queue: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM paused WHERE queue = ?", (queue,))
+
+    def paused(self) -> set[str]:
+        with self._read() as db:
+            return {row[0] for row in db.execute("SELECT queue FROM paused")}
+
+    # -- time -------------------------------------------------------------------------------------
+    def promote_due(self, now: float | None = None, limit: int = 1000) -> int:
+        now = _now(now)
+        with self._read() as db:  # cheap check first: most ticks find nothing due
+            if (
+                db.execute(
+                    "SELECT 1 FROM jobs WHERE state IN ('scheduled', 'retrying') AND due_at <= ? "
+                    "LIMIT 1",
+                    (now,),
+                ).fetchone()
+                is None
+            ):
+                return 0
+        deltas: Counter[tuple[str, str, str]] = Counter()
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT seq, job, queue, state FROM jobs WHERE state IN ('scheduled', 'retrying') "
+                "AND due_at <= ? ORDER BY due_at LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            # queued_at = due_at: wait time counts from when the job became due
+            db.executemany(
+                "UPDATE jobs SET state = 'queued', queued_at = due_at, due_at = NULL WHERE seq = ?",
+                [(row[0],) for row in rows],
+            )
+            for _, job, queue, old in rows:
+                deltas[(job, queue, old)] -= 1
+                deltas[(job, queue, "queued")] += 1
+            self._count(db, deltas)
+        return len(rows)
+
+    def sweep_expired(self, now: float | None = None, limit: int = 1000) -> list[str]:
+        now = _now(now)
+        with self._read() as db:
+            if (
+                db.execute(
+                    "SELECT 1 FROM jobs WHERE state = 'running' AND lease_until < ? LIMIT 1", (now,)
+                ).fetchone()
+                is None
+            ):
+                return []
+        recovered: list[str] = []
+        deltas: Counter[tuple[str, str, str]] = Counter()
+        with self._tx() as db:
+            rows = db.execute(SELECT_LEASE_EXPIRED, (now, limit)).fetchall()
+            for row in rows:
+                seq, job_id, job, queue, attempts, max_retries, ukey, ufor, cancel_wanted, why = row
+                deltas[(job, queue, "running")] -= 1
+                self._event(db, job, "recovery")
+                if cancel_wanted:  # told to stop before its worker was lost: never run it again
+                    self._finish_row(db, seq, "cancelled", now, reason=why or "cancelled")
+                    self._free_unique(db, job_id, ukey, ufor, "finish")
+                    deltas[(job, queue, "cancelled")] += 1
+                elif attempts > max_retries:
+                    error = _failure_encoder.encode(
+                        {
+                            "type": "LeaseExpired",
+                            "message": f"the worker running attempt {attempts} stopped heart-"
+                            "beating (killed or lost) and no retries were left",
+                            "traceback": "",
+                        }
+                    )
+                    db.execute(
+                        "UPDATE jobs SET state = 'dead', finished_at = ?, lease_until = NULL, "
+                        "error = ? WHERE seq = ?",
+                        (now, error, seq),
+                    )
+                    self._free_unique(db, job_id, ukey, ufor, "finish")
+                    deltas[(job, queue, "dead")] += 1
+                else:
+                    db.execute(
+                        "UPDATE jobs SET state = 'queued', lease_until = NULL, worker_id = NULL,"
+                        " attempt_id = NULL, queued_at = ? WHERE seq = ?",
+                        (now, seq),
+                    )
+                    deltas[(job, queue, "queued")] += 1
+                recovered.append(job_id)
+            self._count(db, deltas)
+        return recovered
+
+    def fire_once(self, schedule: str, tick: float) -> bool:
+        with self._tx() as db:
+            cursor = db.execute(
+                "INSERT INTO schedules (name, tick) VALUES (?, ?) ON CONFLICT (name) "
+                "DO UPDATE SET tick = excluded.tick WHERE excluded.tick > schedules.tick",
+                (schedule, tick),
+            )
+            return cursor.rowcount == 1
+
+    def last_fired(self, schedule: str) -> float | None:
+        with self._read() as db:
+            row = db.execute("SELECT tick FROM schedules WHERE name = ?", (schedule,)).fetchone()
+        return None if row is None else float(row[0])
+
+    def prune(self, finished_before: float, states: Sequence[State], limit: int = 1000) -> int:
+        wanted = [str(State(s)) for s in states if State(s) in FINAL_STATES]
+        if not wanted:
+            return 0
+        marks = ",".join("?" * len(wanted))
+        with self._tx() as db:
+            rows = db.execute(
+                f"DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE state IN ({marks}) "
+                "AND finished_at < ? LIMIT ?) RETURNING seq",
+                (*wanted, finished_before, limit),
+            ).fetchall()
+            db.executemany("DELETE FROM tags WHERE seq = ?", rows)
+        return len(rows)
+
+    # -- reading ----------------------------------------------------------------------------------
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._read() as db:
+            row = db.execute(
+                f"SELECT {RECORD_COLUMNS} FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
+        return None if row is None else _record(row)
+
+    def get_many(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
+        if not job_ids:
+            return []
+        marks = ",".join("?" * len(job_ids))
+        with self._read() as db:
+            rows = db.execute(
+                f"SELECT {RECORD_COLUMNS} FROM jobs WHERE id IN ({marks})", list(job_ids)
+            ).fetchall()
+        found = {row[0]: _record(row) for row in rows}
+        return [found.get(job_id) for job_id in job_ids]
+
+    def jobs(self, query: JobQuery) -> list[JobRecord]:
+        where: list[str] = []
+        args: list[Any] = []
+        source = "jobs"
+        if query.tag is not None:
+            source = "tags JOIN jobs USING (seq)"
+            where.append("tags.tag = ?")
+            args.append(query.tag)
+        if query.state is not None:
+            where.append("jobs.state = ?")
+            args.append(str(State(query.state)))
+        if query.job is not None:
+            where.append("jobs.job = ?")
+            args.append(query.job)
+        if query.before is not None:
+            where.append("jobs.seq < (SELECT seq FROM jobs WHERE id = ?)")
+            args.append(query.before)
+        sql = (
+            f"SELECT {', '.join('jobs.' + c.strip() for c in RECORD_COLUMNS.split(','))} "
+            f"FROM {source}"
+        )
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY jobs.seq DESC LIMIT ?"
+        args.append(max(0, min(query.limit, 1000)))
+        with self._read() as db:
+            rows = db.execute(sql, args).fetchall()
+        return [_record(row) for row in rows]
+
+    def wait_finished(self, job_id: str, timeout_s: float) -> JobRecord | None:
+        deadline = time.monotonic() + timeout_s
+        interval = 0.002
+        while True:
+            record = self.get(job_id)
+            if record is None or record.state in FINAL_STATES:
+                return record
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return record
+            with self._local_change:
+                self._local_change.wait(min(interval, remaining))
+            interval = min(interval * 1.5, 0.05)
+
+    def stats(self) -> Stats:
+        with self._read() as db:
+            counts = db.execute("SELECT job, queue, state, n FROM counts WHERE n != 0").fetchall()
+            hist = db.execute("SELECT job, kind, bucket, n FROM hist").fetchall()
+            timing = db.execute("SELECT job, kind, count, total, max FROM timing").fetchall()
+            events = db.execute("SELECT job, kind, n FROM events").fetchall()
+        by_job: dict[str, dict[str, Any]] = {}
+
+        def entry(job: str) -> dict[str, Any]:
+            return by_job.setdefault(
+                job,
+                {
+                    "counts": Counter(),
+                    "run": {},
+                    "wait": {},
+                    "timing": {},
+                    "retries": 0,
+                    "recoveries": 0,
+                    "rejections": {},
+                },
+            )
+
+        queues: Counter[str] = Counter()
+        for job, queue, state, n in counts:
+            entry(job)["counts"][state] += n
+            if state == "queued":
+                queues[queue] += n
+        for job, kind, bucket, n in hist:
+            entry(job)[kind][bucket] = n
+        for job, kind, count, total, maximum in timing:
+            entry(job)["timing"][kind] = (count, total, maximum)
+        for job, kind, n in events:
+            e = entry(job)
+            if kind == "retry":
+                e["retries"] = n
+            elif kind == "recovery":
+                e["recoveries"] = n
+            elif kind.startswith("reject:"):
+                e["rejections"][kind[len("reject:") :]] = n
+
+        def histogram(e: dict[str, Any], kind: str) -> Histogram:
+            count, total, maximum = e["timing"].get(kind, (0, 0.0, 0.0))
+            return Histogram(buckets=e[kind], count=count, total=total, max=maximum)
+
+        return Stats(
+            jobs={
+                job: JobStats(
+                    job=job,
+                    counts={k: v for k, v in e["counts"].items() if v},
+                    run_time=histogram(e, "run"),
+                    wait_time=histogram(e, "wait"),
+                    retries=e["retries"],
+                    recoveries=e["recoveries"],
+                    rejections=e["rejections"],
+                )
+                for job, e in sorted(by_job.items())
+            },
+            queues={q: n for q, n in queues.items() if n},
+        )
+
+    # -- workers ----------------------------------------------------------------------------------
+    def register_worker(self, info: WorkerInfo, ttl_s: float) -> None:
+        body = msgspec.json.encode(msgspec.to_builtins(info))
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO workers (id, info, expires_at) VALUES (?, ?, ?)",
+                (info.id, body, info.seen_at + ttl_s),
+            )
+            db.execute("DELETE FROM workers WHERE expires_at < ?", (info.seen_at - 3600,))
+
+    def unregister_worker(self, worker_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+
+    def workers(self, now: float | None = None) -> list[WorkerInfo]:
+        now = _now(now)
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT info FROM workers WHERE expires_at > ? ORDER BY id", (now,)
+            ).fetchall()
+        result = []
+        for (body,) in rows:
+            data = _worker_decoder.decode(body)
+            data["queues"] = tuple(data["queues"])
+            data["current"] = tuple(data.get("current", ()))
+            result.append(WorkerInfo(**data))
+        return result
+
+    # -- housekeeping -----------------------------------------------------------------------------
+    def purge(self) -> None:
+        with self._tx() as db:
+            for table in (
+                "jobs",
+                "tags",
+                "uniques",
+                "counts",
+                "hist",
+                "timing",
+                "events",
+                "paused",
+                "schedules",
+                "workers",
+            ):
+                db.execute(f"DELETE FROM {table}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __repr__(self) -> str:
+        return f"SQLiteBroker({self.url!r})"
+
+
+def _record(row: Sequence[Any]) -> JobRecord:
+    (
+        job_id,
+        state,
+        raw,
+        attempts,
+        created_at,
+        queued_at,
+        started_at,
+        finished_at,
+        progress,
+        progress_message,
+        result,
+        error,
+        reason,
+        worker_id,
+        cancel_requested,
+        job,
+        queue,
+        _seq,
+    ) = row
+    try:
+        env = decode(raw)
+    except BadEnvelope:
+        env = Envelope(id=job_id, job=job, source="?", queue=queue)
+    failure = None
+    if error is not None:
+        data = _failure_decoder.decode(error)
+        failure = Failure(data.get("type", "?"), data.get("message", ""), data.get("traceback", ""))
+    return JobRecord(
+        id=job_id,
+        state=State(state),
+        envelope=env.with_attempt(attempts),
+        attempts=attempts,
+        created_at=created_at,
+        queued_at=queued_at,
+        started_at=started_at,
+        finished_at=finished_at,
+        progress=progress,
+        progress_message=progress_message,
+        result=None if result is None else msgspec.json.decode(result),
+        error=failure,
+        reason=reason,
+        worker_id=worker_id,
+        cancel_requested=bool(cancel_requested),
+    )

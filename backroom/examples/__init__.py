@@ -1,0 +1,1 @@
+"""Example apps that ship with backroom (the demo runs `streaming`)."""

@@ -1,0 +1,161 @@
+"""Every `backroom` command through a real subprocess: the happy path and each bad input, which
+must print one clear line on stderr (no traceback) and exit non-zero."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+APP = "tests.apps.ledger:app"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(
+    *args: str, url: str | None = None, ok: bool = True, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if url:
+        env["BACKROOM_URL"] = url
+    proc = subprocess.run([sys.executable, "-m", "backroom", *args], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=timeout)  # fmt: skip
+    if ok:
+        assert proc.returncode == 0, proc.stderr
+    else:
+        assert proc.returncode != 0, proc.stdout
+        assert "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith("backroom: "), proc.stderr
+        assert proc.stderr.count("\n") == 1, proc.stderr
+    return proc
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'cli.db'}"
+
+
+def test_enqueue_prints_the_job_id_alone_and_a_worker_runs_it(url: str) -> None:
+    job_id = run("enqueue", "--app", APP, "add", '{"a": 2, "b": 3}', "--tag", "t1", url=url).stdout
+    job_id = job_id.strip()
+    assert len(job_id) == 23 and job_id.isalnum()
+    status = json.loads(run("status", "--app", APP, job_id, "--json", url=url).stdout)
+    assert status["state"] == "queued" and status["tags"] == ["t1"] and status["source"] == "api"
+    run("worker", "--app", APP, "--burst", "--in-process", url=url)
+    assert json.loads(run("result", "--app", APP, job_id, "--timeout", "5", url=url).stdout) == 5
+    table = run("status", "--app", APP, job_id, url=url).stdout
+    assert "succeeded" in table and "add" in table
+
+
+def test_the_default_worker_is_a_supervisor_with_child_processes(url: str) -> None:
+    job_id = run("enqueue", "--app", APP, "greet", '{"name": "ada"}', url=url).stdout.strip()
+    run("worker", "--app", APP, "--burst", "--processes", "2", url=url)
+    assert json.loads(run("result", "--app", APP, job_id, url=url).stdout) == "hello ada"
+
+
+def test_jobs_stats_and_registry_list_every_job_by_name(url: str) -> None:
+    run("enqueue", "--app", APP, "add", '{"a": 1, "b": 1}', "--tag", "edge-1", url=url)
+    run("enqueue", "--app", APP, "greet", '{"name": "x"}', url=url)
+    rows = json.loads(run("jobs", "--app", APP, "--json", url=url).stdout)
+    assert [r["job"] for r in rows] == ["greet", "add"]  # newest first
+    tagged = json.loads(run("jobs", "--app", APP, "--tag", "edge-1", "--json", url=url).stdout)
+    assert [r["job"] for r in tagged] == ["add"]
+    assert "greet" in run("jobs", "--app", APP, "--state", "queued", url=url).stdout
+    stats = json.loads(run("stats", "--app", APP, "--json", url=url).stdout)
+    by_name = {row["job"]: row for row in stats["jobs"]}
+    assert by_name["add"]["counts"]["queued"] == 1
+    assert "send_invoices" in run("stats", "--app", APP, url=url).stdout
+    registry = json.loads(run("registry", "--app", APP, "--json", url=url).stdout)
+    invoices = next(e for e in registry if e["name"] == "send_invoices")
+    assert invoices["sources"] == ["scheduler"]
+    assert invoices["payload_schema"]["properties"]["month"]["type"] == "string"
+    assert "send_invoices" in run("registry", "--app", APP, url=url).stdout
+
+
+def test_cancel_a_queued_job_and_pause_a_queue(url: str) -> None:
+    job_id = run("enqueue", "--app", APP, "add", '{"a": 1, "b": 1}', url=url).stdout.strip()
+    assert "cancelled" in run("cancel", "--app", APP, job_id, url=url).stdout
+    again = run("cancel", "--app", APP, job_id, url=url, ok=False)
+    assert "already finished (cancelled)" in again.stderr
+    run("queue", "pause", "--app", APP, "default", url=url)
+    paused = json.loads(run("stats", "--app", APP, "--json", url=url).stdout)["paused"]
+    assert paused == ["default"]
+    run("queue", "resume", "--app", APP, "default", url=url)
+
+
+def test_result_of_a_dead_job_names_its_error(url: str) -> None:
+    job_id = run("enqueue", "--app", APP, "always_fails", '{"message": "disk full"}',
+                 url=url).stdout.strip()  # fmt: skip
+    run("worker", "--app", APP, "--burst", "--in-process", url=url)
+    failed = run("result", "--app", APP, job_id, url=url, ok=False)
+    assert "ended dead: RuntimeError: disk full" in failed.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["enqueue", "--app", APP, "ad", "{}"], "unknown job 'ad'; this app registers: add, "),
+        (
+            ["enqueue", "--app", APP, "send_invoices", '{"month": "2026-10"}'],
+            "source 'api' may not schedule 'send_invoices'; allowed sources: scheduler",
+        ),
+        (["enqueue", "--app", APP, "add", '{"a": 1,'], "payload is not valid JSON"),
+        (["enqueue", "--app", APP, "add", "[1, 2]"], "payload must be a JSON object"),
+        (
+            ["enqueue", "--app", APP, "add", '{"a": "one", "b": 2}'],
+            "invalid payload for 'add': field 'a' expects a valid integer",
+        ),
+        (["enqueue", "--app", APP, "add", '{"a": 1}'], "field 'b' is required but missing"),
+        (["enqueue", "--app", "no_such_module:app", "add"], "no module named 'no_such_module'"),
+        (
+            ["enqueue", "--app", "tests.apps.ledger:nothing", "add"],
+            "is nothing, not a backroom.App",
+        ),
+        (["enqueue", "--app", "tests.apps.ledger", "add"], "must look like module:attribute"),
+        (["enqueue", "add"], "no app given"),
+        (
+            ["enqueue", "--app", APP, "--url", "mysql://db", "add", '{"a": 1, "b": 1}'],
+            "'mysql://db' is not a broker URL",
+        ),
+        (
+            [
+                "enqueue",
+                "--app",
+                APP,
+                "--url",
+                "sqlite:////nonexistent/dir/x.db",
+                "add",
+                '{"a": 1, "b": 1}',
+            ],
+            "folder '/nonexistent/dir' does not exist",
+        ),
+        (
+            ["enqueue", "--app", APP, "add", '{"a": 1, "b": 1}', "--at", "next tuesday"],
+            "--at 'next tuesday' is not an ISO 8601",
+        ),
+        (
+            ["enqueue", "--app", APP, "add", '{"a": 1, "b": 1}', "--delay", "soon"],
+            "'soon' is not a number",
+        ),
+        (["status", "--app", APP, "nosuchjob"], "no job with id 'nosuchjob'"),
+        (["result", "--app", APP, "nosuchjob"], "no job with id 'nosuchjob'"),
+        (["cancel", "--app", APP, "nosuchjob"], "no job with id 'nosuchjob'"),
+        (["jobs", "--app", APP, "--state", "done"], "--state 'done' is not a job state"),
+        (["worker", "--app", APP, "--concurrency", "0"], "'0' must be 1 or more"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_input_gets_one_clear_line_and_a_non_zero_exit(
+    url: str, args: list[str], message: str
+) -> None:
+    proc = run(*args, url=url, ok=False)
+    assert message in proc.stderr
+
+
+def test_result_timeout_is_reported_not_raised(url: str) -> None:
+    job_id = run("enqueue", "--app", APP, "add", '{"a": 1, "b": 1}', url=url).stdout.strip()
+    proc = run("result", "--app", APP, job_id, "--timeout", "0.2", url=url, ok=False)
+    assert "has no result after 0.2 s (it is queued)" in proc.stderr
