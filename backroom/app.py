@@ -136,7 +136,7 @@ class App:
 
         if callable(name):  # used bare: @app.job
             function, name = name, None
-            return register(function)  # type: ignore[return-value]
+            return register(function)
         return register
 
     def schedule(

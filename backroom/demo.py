@@ -111,7 +111,7 @@ def _enqueue_work(app: App, jobs: int) -> list[Handle]:
 
 def _refused_at_enqueue(app: App) -> list[str]:
     """What the producer-side checks refuse at once, before anything reaches the queue."""
-    attempts = [
+    attempts: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         ("process_log", {"server": "edge-1", "day": "2026-11-21"}, {}),
         ("send_invoices", {"month": "2026-10"}, {"source": "api"}),
         ("process_logs", {"server": "edge-1", "day": 7}, {}),

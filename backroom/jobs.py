@@ -65,7 +65,7 @@ class JobSpec:
         over its upper half, capped at ten minutes; or what a user-supplied callable says."""
         if callable(self.retry_backoff):
             return max(0.0, float(self.retry_backoff(attempt)))
-        ceiling = min(MAX_BACKOFF_S, float(self.retry_backoff) * 2 ** (attempt - 1))
+        ceiling: float = min(MAX_BACKOFF_S, float(self.retry_backoff) * 2.0 ** (attempt - 1))
         return ceiling / 2 + random.random() * ceiling / 2
 
     def schema(self) -> dict[str, Any]:
@@ -112,7 +112,7 @@ def build_spec(function: JobFunction, name: str | None = None, **options: Any) -
         annotation = hints.get(param.name, Any)
         default = ... if param.default is param.empty else param.default
         fields[param.name] = (annotation, default)
-    model = pydantic.create_model(  # type: ignore[call-overload]
+    model: type[pydantic.BaseModel] = pydantic.create_model(
         f"{job_name}_payload",
         __config__=pydantic.ConfigDict(extra="forbid", title=f"{job_name} payload"),
         **fields,
