@@ -140,6 +140,7 @@ class SQLiteBroker(Broker):
         self.url = url or f"sqlite:///{path}"
         self._lock = threading.RLock()
         self._local_change = threading.Condition(threading.Lock())
+        self._claim_mark: tuple[int, int] | None = None
         self._version = 0  # bumped on local commits; wakes local waiters
         try:
             if path != ":memory:":
@@ -353,6 +354,8 @@ class SQLiteBroker(Broker):
         deltas: Counter[tuple[str, str, str]] = Counter()
         waits: list[tuple[str, str, float]] = []
         with self._tx() as db:
+            # what this connection has seen, so wait_for_work wakes for any commit after it
+            seen_version = db.execute("PRAGMA data_version").fetchone()[0]
             paused = {row[0] for row in db.execute("SELECT queue FROM paused")}
             for queue in queues:
                 if queue in paused:
@@ -385,6 +388,8 @@ class SQLiteBroker(Broker):
                     break
             self._count(db, deltas)
             self._time(db, waits)
+        with self._local_change:
+            self._claim_mark = (seen_version, self._version)
         return claims
 
     @staticmethod
@@ -401,9 +406,12 @@ class SQLiteBroker(Broker):
         """SQLite has no cross-process notification: watch PRAGMA data_version (it changes when
         another connection commits) every few milliseconds, and wake at once on local commits."""
         deadline = time.monotonic() + timeout_s
-        with self._read() as db:
-            start = db.execute("PRAGMA data_version").fetchone()[0]
-        local = self._version
+        if self._claim_mark is not None:  # a commit since the last claim may be work: wake
+            start, local = self._claim_mark
+        else:
+            with self._read() as db:
+                start = db.execute("PRAGMA data_version").fetchone()[0]
+            local = self._version
         interval = 0.001
         while True:
             remaining = deadline - time.monotonic()

@@ -28,9 +28,14 @@ def ledger_counts(path: str) -> dict[int, int]:
 @app.job(retries=3, retry_backoff=0.05)
 def record(ctx: backroom.Context, n: int) -> int:
     """Write one ledger row per execution."""
-    with sqlite3.connect(_ledger_path(), timeout=60) as db:
+    # autocommit: each statement is its own write transaction, so writers queue on the busy
+    # timeout instead of deadlocking as readers upgrading to writers
+    db = sqlite3.connect(_ledger_path(), timeout=60, isolation_level=None)
+    try:
         db.execute("CREATE TABLE IF NOT EXISTS runs (n INTEGER, pid INTEGER, at REAL)")
         db.execute("INSERT INTO runs VALUES (?, ?, ?)", (n, os.getpid(), time.time()))
+    finally:
+        db.close()
     return n
 
 
