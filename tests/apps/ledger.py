@@ -18,6 +18,17 @@ def _ledger_path() -> str:
     return os.environ.get("LEDGER_DB") or str(Path(os.environ.get("TMPDIR", "/tmp")) / "ledger.db")
 
 
+def init_ledger(path: str) -> None:
+    """Create the ledger in WAL mode, so many job threads and processes append without
+    blocking each other's readers (a rollback journal stalls under 16 concurrent writers)."""
+    db = sqlite3.connect(path, timeout=60, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE IF NOT EXISTS runs (n INTEGER, pid INTEGER, at REAL)")
+    finally:
+        db.close()
+
+
 def ledger_counts(path: str) -> dict[int, int]:
     """n -> how many times `record(n)` ran."""
     with sqlite3.connect(path, timeout=30) as db:

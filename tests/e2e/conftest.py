@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.apps.ledger import init_ledger
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -36,6 +38,7 @@ class Workers:
 @pytest.fixture
 def workers(tmp_path: Path) -> Iterator[Workers]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LEDGER_DB": str(tmp_path / "ledger.db")}
+    init_ledger(env["LEDGER_DB"])
     pool = Workers(env)
     yield pool
     pool.stop_all()
