@@ -798,7 +798,7 @@ class SQLiteBroker(Broker):
         args: list[Any] = []
         source = "jobs"
         if query.tag is not None:
-            source = "tags JOIN jobs USING (seq)"
+            source = "tags CROSS JOIN jobs ON jobs.seq = tags.seq"
             where.append("tags.tag = ?")
             args.append(query.tag)
         if query.state is not None:
@@ -807,8 +807,11 @@ class SQLiteBroker(Broker):
         if query.job is not None:
             where.append("jobs.job = ?")
             args.append(query.job)
+        # With a tag, walk the tags index (tag, seq) newest first; the jobs rows are looked up
+        # by primary key, so a popular tag costs one page, never a sort of all its jobs.
+        order = "tags.seq" if query.tag is not None else "jobs.seq"
         if query.before is not None:
-            where.append("jobs.seq < (SELECT seq FROM jobs WHERE id = ?)")
+            where.append(f"{order} < (SELECT seq FROM jobs WHERE id = ?)")
             args.append(query.before)
         sql = (
             f"SELECT {', '.join('jobs.' + c.strip() for c in RECORD_COLUMNS.split(','))} "
@@ -816,7 +819,7 @@ class SQLiteBroker(Broker):
         )
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY jobs.seq DESC LIMIT ?"
+        sql += f" ORDER BY {order} DESC LIMIT ?"
         args.append(max(0, min(query.limit, 1000)))
         with self._read() as db:
             rows = db.execute(sql, args).fetchall()
