@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -18,7 +17,7 @@ import msgspec
 
 from backroom.brokers import Broker, connect
 from backroom.brokers.base import Claim, JobRecord
-from backroom.envelope import FINAL_STATES, JSON, Envelope, State, new_id
+from backroom.envelope import FINAL_STATES, JSON, MAX_NESTING, Envelope, State, new_id, too_deep
 from backroom.errors import (
     BackroomError,
     ConfigError,
@@ -30,6 +29,7 @@ from backroom.errors import (
     UnknownJob,
 )
 from backroom.jobs import Backoff, JobSpec, Registry, build_spec
+from backroom.security import Keyring, KeySpec, Redactor
 
 if TYPE_CHECKING:
     from backroom.scheduler import Schedule
@@ -38,10 +38,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_URL = "sqlite:///backroom.db"
 DEFAULT_MAX_PAYLOAD_BYTES = 1 << 20
-DEFAULT_SECRET_PATTERN = (
-    r"pass(word|wd)?|secret|token|api[_-]?key|auth(orization)?|credential|private[_-]?key|cookie"
-)
-REDACTED = "[redacted]"
 UNIQUE_MODES = ("start", "finish")
 
 Hook = Callable[[Envelope, BaseException], None]
@@ -53,7 +49,11 @@ class App:
 
     `url` picks the broker (default `$BACKROOM_URL`, else `sqlite:///backroom.db`); `source` is
     this process's identity as a producer. `keys` maps a source to its signing keys (newest
-    first): when any are set, workers accept only envelopes signed with their source's key.
+    first; default `$BACKROOM_KEYS`, see security.Keyring): when any are set, producers sign
+    with their source's newest key and workers accept only envelopes signed with a key of the
+    source they claim. `max_payload_bytes` caps a payload's JSON size; `secret_fields` (a
+    regular expression or field names; default `$BACKROOM_SECRET_FIELDS`, else password, token,
+    secret, api_key ...) names the payload fields masked wherever a job is shown.
     `config` is the worker's own configuration handed to jobs as `ctx.config` (never carried in
     an envelope); by default it is read from the JSON file named by `$BACKROOM_CONFIG`."""
 
@@ -63,21 +63,22 @@ class App:
         *,
         source: str = "cli",
         config: Mapping[str, Any] | None = None,
-        keys: Mapping[str, str | Sequence[str]] | None = None,
+        keys: KeySpec | None = None,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
-        secret_fields: str = DEFAULT_SECRET_PATTERN,
+        secret_fields: str | Iterable[str] | None = None,
     ) -> None:
         self.url = url or os.environ.get("BACKROOM_URL") or DEFAULT_URL
         self.source = source
         self.registry = Registry()
         self.schedules: dict[str, Schedule] = {}
         self._config = dict(config) if config is not None else None
-        self.keys: dict[str, list[bytes]] = {
-            name: [k.encode() for k in ([value] if isinstance(value, str) else value)]
-            for name, value in (keys or {}).items()
-        }
+        self.keys = Keyring.from_env() if keys is None else Keyring(keys)
+        if isinstance(max_payload_bytes, bool) or not isinstance(max_payload_bytes, int):
+            raise ConfigError(f"max_payload_bytes must be an int, got {max_payload_bytes!r}")
+        if max_payload_bytes < 1:
+            raise ConfigError(f"max_payload_bytes must be at least 1, got {max_payload_bytes}")
         self.max_payload_bytes = max_payload_bytes
-        self._secret = re.compile(secret_fields, re.IGNORECASE)
+        self.redactor = Redactor(secret_fields)
         self._broker: Broker | None = None
         self._broker_lock = threading.Lock()
         self.failure_hooks: list[Hook] = []
@@ -206,10 +207,10 @@ class App:
         source = source or self.source
         spec.check_source(source)
         body = {} if payload is None else payload
+        if isinstance(body, Mapping) and too_deep(dict(body)):
+            raise InvalidPayload(job, None, f"nests more than {MAX_NESTING} levels deep")
         spec.validate(body)
-        size = len(msgspec.json.encode(body))
-        if size > self.max_payload_bytes:
-            raise PayloadTooLarge(job, size, self.max_payload_bytes)
+        self.check_size(job, body)
         if then is not None and then not in self.registry:
             raise UnknownJob(then, self.registry.names())
         created = time.time() if now is None else now
@@ -234,9 +235,22 @@ class App:
         return self.sign(envelope)
 
     def sign(self, envelope: Envelope) -> Envelope:
-        """Sign with the newest key of the envelope's source, when that source has keys."""
-        keys = self.keys.get(envelope.source)
-        return envelope.signed(keys[0]) if keys else envelope
+        """Sign with the newest key of the envelope's source. Unchanged when no keys are
+        configured; ConfigError when keys are but none covers this source."""
+        return self.keys.sign(envelope)
+
+    def check_size(self, job: str, payload: Mapping[str, Any]) -> None:
+        """Raise PayloadTooLarge when the payload's JSON is over `max_payload_bytes`."""
+        size = len(msgspec.json.encode(payload))
+        if size > self.max_payload_bytes:
+            raise PayloadTooLarge(job, size, self.max_payload_bytes)
+
+    def verify(self, envelope: Envelope) -> None:
+        """The worker-side security checks of an envelope: its signature proves its source
+        (BadSignature; only when keys are configured) and its payload is within the size limit
+        (PayloadTooLarge)."""
+        self.keys.verify(envelope)
+        self.check_size(envelope.job, envelope.payload)
 
     def enqueue(self, job: str, payload: Mapping[str, Any] | None = None, **options: Any) -> Handle:
         """Check and enqueue one job; returns its Handle (the existing job's, when `unique_key`
@@ -266,18 +280,12 @@ class App:
     # -- reading ---------------------------------------------------------------------------------
     def redact(self, value: JSON) -> JSON:
         """A copy of a payload with secret-looking fields (password, token, api_key ...) masked."""
-        if isinstance(value, Mapping):
-            return {
-                k: REDACTED if self._secret.search(str(k)) else self.redact(v)
-                for k, v in value.items()
-            }
-        if isinstance(value, list | tuple):
-            return [self.redact(v) for v in value]
-        return value
+        return self.redactor.redact(value)
 
     def describe(self, record: JobRecord) -> dict[str, Any]:
         """A job record as a JSON-ready dict, payload redacted: what status/info/the API show."""
         env = record.envelope
+        scrub = self.redactor.scrub  # secrets echoed in messages (a bad value, an exception)
         started, finished = record.started_at, record.finished_at
         wait = started - record.queued_at if started and record.queued_at else None
         return {
@@ -292,7 +300,7 @@ class App:
             "attempts": record.attempts,
             "max_retries": env.max_retries,
             "progress": record.progress,
-            "progress_message": record.progress_message,
+            "progress_message": scrub(record.progress_message, env.payload),
             "created_at": record.created_at,
             "queued_at": record.queued_at,
             "started_at": started,
@@ -302,15 +310,15 @@ class App:
             "wait_time": wait,
             "run_time": finished - started if finished and started else None,
             "unique_key": env.unique_key,
-            "result": record.result,
+            "result": self.redact(record.result),
             "error": None
             if record.error is None
             else {
                 "type": record.error.type,
-                "message": record.error.message,
-                "traceback": record.error.traceback,
+                "message": scrub(record.error.message, env.payload),
+                "traceback": scrub(record.error.traceback, env.payload),
             },
-            "reason": record.reason,
+            "reason": scrub(record.reason, env.payload),
             "worker_id": record.worker_id,
             "cancel_requested": record.cancel_requested,
         }
