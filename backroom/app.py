@@ -256,7 +256,7 @@ class App:
         """Check and enqueue one job; returns its Handle (the existing job's, when `unique_key`
         is held by a live job). See `envelope` for the keywords."""
         envelope = self.envelope(job, payload, **options)
-        [job_id] = self.broker.enqueue([envelope])
+        [job_id] = self.broker.enqueue([envelope], now=options.get("now"))
         return Handle(self, job_id)
 
     def enqueue_many(
@@ -270,7 +270,7 @@ class App:
                 envelopes.append(self.envelope(job, payload, **options))
             except InvalidPayload as exc:
                 raise InvalidPayload(job, exc.field, f"{exc.problem} (payload #{index})") from None
-        ids = self.broker.enqueue(envelopes) if envelopes else []
+        ids = self.broker.enqueue(envelopes, now=options.get("now")) if envelopes else []
         return [Handle(self, job_id) for job_id in ids]
 
     def handle(self, job_id: str) -> Handle:

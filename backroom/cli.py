@@ -98,12 +98,12 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
     from backroom.scheduler import Scheduler
 
+    stop = threading.Event()  # handlers first: a SIGTERM during start-up is still a clean stop
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     app = load_app(args.app, args.url)
     if not app.schedules:
         raise ConfigError(f"app {args.app or os.environ.get('BACKROOM_APP')} declares no schedules")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     logging.getLogger("backroom").info("scheduler running %d schedule(s)", len(app.schedules))
     Scheduler(app).run(stop)
     return 0
@@ -120,7 +120,8 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
             raise ConfigError(f"--at {args.at!r} is not an ISO 8601 date and time") from None
     handle = app.enqueue(
         args.job, payload, source=args.source, tags=args.tag or (), delay=args.delay, at=at,
-        unique_key=args.unique_key, queue=args.queue, priority=args.priority,
+        unique_key=args.unique_key, unique_for=_unique_for(args.unique_for), queue=args.queue,
+        priority=args.priority, expires=args.expires,
     )  # fmt: skip
     print(handle.id)
     return 0
@@ -295,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--delay", type=_non_negative_float, help="seconds to wait before it runs")
     sub.add_argument("--at", help="ISO 8601 time to run at")
     sub.add_argument("--unique-key", help="no second live job with this key")
+    sub.add_argument(
+        "--unique-for", help="how long the key holds: start, finish (default) or SECONDS"
+    )
+    sub.add_argument(
+        "--expires", type=_positive_float, help="never start it after SECONDS from now"
+    )
     sub.add_argument("--queue", help="queue (default: the job's)")
     sub.add_argument("--priority", type=int, help="higher runs earlier (default: the job's)")
 
@@ -400,6 +407,17 @@ def _list(text: str | None) -> list[str] | None:
     if not items:
         raise ConfigError(f"--queues {text!r} names no queue")
     return items
+
+
+def _unique_for(text: str | None) -> str | float | None:
+    if text is None or text in ("start", "finish"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(
+            f"--unique-for {text!r} must be 'start', 'finish' or a number of seconds"
+        ) from None
 
 
 def _state(text: str | None) -> State | None:

@@ -66,6 +66,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs(queue, priority DESC, seq) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs(due_at) WHERE state IN ('scheduled', 'retrying');
+CREATE INDEX IF NOT EXISTS jobs_expires ON jobs(expires)
+    WHERE expires IS NOT NULL AND state IN ('scheduled', 'queued', 'retrying');
 CREATE INDEX IF NOT EXISTS jobs_lease ON jobs(lease_until) WHERE state = 'running';
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
 CREATE INDEX IF NOT EXISTS jobs_name ON jobs(job, seq);
@@ -75,6 +77,7 @@ CREATE TABLE IF NOT EXISTS tags (tag TEXT NOT NULL, seq INTEGER NOT NULL, PRIMAR
     WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS uniques (key TEXT PRIMARY KEY, job_id TEXT NOT NULL, until REAL)
     WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS uniques_until ON uniques(until) WHERE until IS NOT NULL;
 CREATE TABLE IF NOT EXISTS counts (job TEXT, queue TEXT, state TEXT, n INTEGER NOT NULL,
     PRIMARY KEY (job, queue, state)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS hist (job TEXT, kind TEXT, bucket INTEGER, n INTEGER NOT NULL,
@@ -668,17 +671,27 @@ class SQLiteBroker(Broker):
 
     # -- time -------------------------------------------------------------------------------------
     def promote_due(self, now: float | None = None, limit: int = 1000) -> int:
+        """Also ends jobs whose `expires` passed while they waited (paused queue, late eta) as
+        cancelled "expired", and forgets lapsed unique keys, so neither lingers."""
         now = _now(now)
-        with self._read() as db:  # cheap check first: most ticks find nothing due
-            if (
-                db.execute(
-                    "SELECT 1 FROM jobs WHERE state IN ('scheduled', 'retrying') AND due_at <= ? "
-                    "LIMIT 1",
-                    (now,),
-                ).fetchone()
-                is None
-            ):
-                return 0
+        with self._read() as db:  # cheap checks first: most ticks find nothing to do
+            due = db.execute(
+                "SELECT 1 FROM jobs WHERE state IN ('scheduled', 'retrying') AND due_at <= ? "
+                "LIMIT 1",
+                (now,),
+            ).fetchone()
+            expired = db.execute(
+                "SELECT 1 FROM jobs WHERE expires IS NOT NULL AND expires <= ? "
+                "AND state IN ('scheduled', 'queued', 'retrying') LIMIT 1",
+                (now,),
+            ).fetchone()
+            lapsed = db.execute(
+                "SELECT 1 FROM uniques WHERE until IS NOT NULL AND until < ? LIMIT 1", (now,)
+            ).fetchone()
+        if expired is not None or lapsed is not None:
+            self._expire_waiting(now, limit)
+        if due is None:
+            return 0
         deltas: Counter[tuple[str, str, str]] = Counter()
         with self._tx() as db:
             rows = db.execute(
@@ -696,6 +709,23 @@ class SQLiteBroker(Broker):
                 deltas[(job, queue, "queued")] += 1
             self._count(db, deltas)
         return len(rows)
+
+    def _expire_waiting(self, now: float, limit: int) -> None:
+        deltas: Counter[tuple[str, str, str]] = Counter()
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT seq, id, job, queue, state, unique_key, unique_for FROM jobs "
+                "WHERE expires IS NOT NULL AND expires <= ? "
+                "AND state IN ('scheduled', 'queued', 'retrying') LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            for seq, job_id, job, queue, state, ukey, ufor in rows:
+                self._finish_row(db, seq, "cancelled", now, reason="expired")
+                self._free_unique(db, job_id, ukey, ufor, "finish")
+                deltas[(job, queue, state)] -= 1
+                deltas[(job, queue, "cancelled")] += 1
+            self._count(db, deltas)
+            db.execute("DELETE FROM uniques WHERE until IS NOT NULL AND until < ?", (now,))
 
     def sweep_expired(self, now: float | None = None, limit: int = 1000) -> list[str]:
         now = _now(now)

@@ -98,6 +98,20 @@ def test_a_job_whose_expiry_passes_before_its_eta_never_starts(broker: Broker) -
     assert (record.state, record.reason) == (State.CANCELLED, "expired")
 
 
+def test_promote_due_ends_waiting_jobs_past_their_expiry_even_in_a_paused_queue(
+    broker: Broker,
+) -> None:
+    broker.pause("media")
+    held = enqueue_one(broker, queue="media", expires=T + 10, now=T)
+    late = enqueue_one(broker, eta=T + 60, expires=T + 30, now=T)
+    broker.promote_due(now=T + 31)
+    for job_id in (held, late):
+        record = record_of(broker, job_id)
+        assert (record.state, record.reason) == (State.CANCELLED, "expired")
+    stats = broker.stats()
+    assert stats.queues.get("media", 0) == 0
+
+
 def test_a_job_claimed_before_its_expiry_runs_normally(broker: Broker) -> None:
     job_id = enqueue_one(broker, expires=T + 10, now=T)
     claim = claim_one(broker, now=T + 9)

@@ -140,6 +140,24 @@ def test_result_of_a_dead_job_names_its_error(url: str) -> None:
             ["enqueue", "--app", APP, "add", '{"a": 1, "b": 1}', "--delay", "soon"],
             "'soon' is not a number",
         ),
+        (
+            [
+                "enqueue",
+                "--app",
+                APP,
+                "add",
+                '{"a": 1, "b": 1}',
+                "--unique-key",
+                "k",
+                "--unique-for",
+                "ever",
+            ],
+            "--unique-for 'ever' must be 'start', 'finish' or a number",
+        ),
+        (
+            ["enqueue", "--app", APP, "add", '{"a": 1, "b": 1}', "--unique-for", "start"],
+            "unique_for needs a unique_key",
+        ),
         (["status", "--app", APP, "nosuchjob"], "no job with id 'nosuchjob'"),
         (["result", "--app", APP, "nosuchjob"], "no job with id 'nosuchjob'"),
         (["cancel", "--app", APP, "nosuchjob"], "no job with id 'nosuchjob'"),
@@ -153,6 +171,15 @@ def test_bad_input_gets_one_clear_line_and_a_non_zero_exit(
 ) -> None:
     proc = run(*args, url=url, ok=False)
     assert message in proc.stderr
+
+
+def test_unique_key_and_expiry_from_the_command_line(url: str) -> None:
+    args = ["enqueue", "--app", APP, "add", '{"a": 1, "b": 1}', "--unique-key", "k1",
+            "--unique-for", "30", "--expires", "60"]  # fmt: skip
+    first = run(*args, url=url).stdout.strip()
+    assert run(*args, url=url).stdout.strip() == first
+    info = json.loads(run("status", "--app", APP, first, "--json", url=url).stdout)
+    assert info["unique_key"] == "k1" and info["expires"] > info["created_at"]
 
 
 def test_result_timeout_is_reported_not_raised(url: str) -> None:
