@@ -1,0 +1,24 @@
+-- ack.lua: record successes: running -> succeeded with the result, for many claims in one step.
+-- KEYS[1] P:j. ARGV: now, call id, msgpack array of [job id, attempt id, result JSON].
+-- Writes P:j -> P:d:<id> (PX ttl), P:lease, P:s:*, P:f:succeeded, P:u:*, P:c, P:h, P:done:<id>.
+-- Returns 1 per outcome recorded, 0 where the lease was lost (nothing written). The call id
+-- makes a call repeated after a lost reply report what the first one did.
+local now, call = tonumber(ARGV[1]), ARGV[2]
+local out = {}
+for _, outcome in ipairs(cmsgpack.unpack(ARGV[3])) do
+  local id, ai = outcome[1], outcome[2]
+  local raw = redis.call('HGET', J, id)
+  local r = raw and cmsgpack.unpack(raw)
+  if r and not is_fresh(r) and owned(r, ai) then
+    detach(id, r)
+    r.r, r.pg, r.rs, r.ak = outcome[3], 1.0, nil, call
+    sample(r.j, 'r', now - (r.sa or now))
+    finish(id, r, 'succeeded', now, false)
+    out[#out + 1] = 1
+  else
+    local done = r == nil and load(id)
+    if done and done.ak == call and done.ai == ai then out[#out + 1] = 1 else out[#out + 1] = 0 end
+  end
+end
+flush()
+return out

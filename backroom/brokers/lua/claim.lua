@@ -1,0 +1,116 @@
+-- claim.lua: reserve up to `limit` queued jobs under a lease, in one step.
+-- KEYS[1] P:j. ARGV: now, lease_until, worker id, limit, attempt id salt, queue names...
+-- Reads P:paused, P:Q:<queue>; pops P:l:<queue>:* lists and P:g:<queue>:* zsets; writes P:j,
+-- P:lease, P:s:*, P:n:*, P:c, P:h; a job past its expiry ends cancelled ("expired") in P:d.
+-- Order: queues as given, then higher priority, then lower seq (oldest first).
+-- Returns msgpack: a flat array [id, envelope, attempts, attempt id, ...] (one bulk reply
+-- parses far faster in Python than a long multi-bulk one).
+local now, lease_until = tonumber(ARGV[1]), tonumber(ARGV[2])
+local worker, limit, salt = ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local out, n = {}, 0
+
+-- A queued job (expanded, already out of its list or zset) starts running, or ends expired.
+local function start(id, r, fresh)
+  if type(r.x) == 'number' and r.x <= now then
+    r.rs = 'expired'
+    finish(id, r, 'cancelled', now, fresh)
+    return
+  end
+  n = n + 1
+  if type(r.x) == 'number' then redis.call('ZREM', P .. ':x', id) end
+  r.st = 'running'
+  r.a = (r.a or 0) + 1
+  r.lu, r.w, r.ai, r.sa = lease_until, worker, salt .. n, now
+  r.cr, r.pg, r.pm = nil, nil, nil
+  reindex(id, r, 'queued', fresh)
+  attach(id, r)
+  save_live(id, r)
+  free_unique(id, r, 'start')
+  sample(r.j, 'w', now - (r.qa or now))
+  out[#out + 1] = id
+  out[#out + 1] = r.e
+  out[#out + 1] = r.a
+  out[#out + 1] = r.ai
+end
+
+-- Point slot `h` at its oldest claimable job (h.id = nil when there is none).
+local function refill(h)
+  h.id = nil
+  while true do
+    if h.fresh then
+      local id = redis.call('LINDEX', h.key, 0)
+      if not id then return end
+      local raw = redis.call('HGET', J, id)
+      local rec = raw and cmsgpack.unpack(raw)
+      if rec and is_fresh(rec) then
+        h.id, h.seq, h.rec = id, rec[1], rec
+        return
+      end
+      redis.call('LPOP', h.key)  -- cancelled or moved since: a stale entry
+    else
+      local top = redis.call('ZRANGE', h.key, 0, 0, 'WITHSCORES')
+      if #top == 0 then return end
+      local raw = redis.call('HGET', J, top[1])
+      local rec = raw and cmsgpack.unpack(raw)
+      if rec and not is_fresh(rec) and rec.st == 'queued' then
+        h.id, h.seq, h.rec = top[1], tonumber(top[2]), rec
+        return
+      end
+      redis.call('ZREM', h.key, top[1])
+    end
+  end
+end
+
+local function claim_group(queue, members)
+  local heads = {}
+  for _, member in ipairs(members) do
+    local colon = string.find(member, ':', 1, true)
+    local h = {member = member}
+    if colon then
+      h.fresh, h.key = true, k_fresh(queue, member)
+      h.prio, h.job = tonumber(string.sub(member, 1, colon - 1)), string.sub(member, colon + 1)
+    else
+      h.fresh, h.key = false, k_again(queue, member)
+    end
+    refill(h)
+    heads[#heads + 1] = h
+  end
+  while n < limit do
+    local best = nil
+    for _, h in ipairs(heads) do
+      if h.id and (best == nil or h.seq < best.seq) then best = h end
+    end
+    if best == nil then break end
+    local id = best.id
+    if best.fresh then
+      redis.call('LPOP', best.key)
+      start(id, expand(best.rec, best.job, queue, best.prio), true)
+    else
+      redis.call('ZREM', best.key, id)
+      start(id, best.rec, false)
+    end
+    refill(best)
+  end
+  for _, h in ipairs(heads) do
+    if h.id == nil then redis.call('ZREM', k_slots(queue), h.member) end
+  end
+end
+
+for i = 6, #ARGV do
+  if n >= limit then break end
+  local queue = ARGV[i]
+  if redis.call('SISMEMBER', P .. ':paused', queue) == 0 then
+    local slots = redis.call('ZRANGE', k_slots(queue), 0, -1, 'WITHSCORES')
+    local j = 1
+    while j <= #slots and n < limit do
+      local score, members = slots[j + 1], {}
+      while j <= #slots and slots[j + 1] == score do
+        members[#members + 1] = slots[j]
+        j = j + 2
+      end
+      claim_group(queue, members)
+    end
+  end
+end
+flush()
+return cmsgpack.pack(out)

@@ -1,0 +1,242 @@
+-- common.lua: helpers every script starts with (redis_scripts.py prepends this file and fills
+-- in the __NAME__ constants). KEYS[1] is always P:j, so P is the app's prefix "{name}" and every
+-- key of one app hashes to one Redis Cluster slot.
+--
+-- Key layout (P = "{prefix}"; Q = a queue name with "%" and ":" escaped as %25 and %3A):
+--   P:seq               STRING  enqueue sequence: orders FIFO and "newest first"
+--   P:j                 HASH    id -> live record (scheduled, queued, running, retrying)
+--   P:d:<id>            STRING  finished record (succeeded, dead, cancelled, rejected), PX ttl
+--   P:Q:<Q>             ZSET    the queue's ready slots, score -priority:
+--                               "<priority>:<job>" (a fresh list) or "<priority>" (again zset)
+--   P:l:<Q>:<prio>:<job> LIST   ids of fresh jobs: queued at enqueue and never moved since
+--   P:g:<Q>:<prio>      ZSET    ids queued again (promoted, released, recovered, retried), score seq
+--   P:queues            SET     every queue name that has held a fresh job
+--   P:due               ZSET    scheduled and retrying ids, score due time
+--   P:lease             ZSET    running ids, score lease_until
+--   P:x                 ZSET    waiting (scheduled, queued, retrying) ids with an expiry, score it
+--   P:s:<state>         ZSET    ids per state, score seq (fresh queued jobs are in P:l lists only)
+--   P:n:<job>           ZSET    ids per job name, score seq (idem)
+--   P:t:<tag>           ZSET    ids per tag, score seq (every tagged job)
+--   P:f:<state>         LIST    finished ids per final state in the order they finished (the
+--                               result ttl sweep and prune pop from its head)
+--   P:u:<unique_key>    STRING  "<job id>\0<held until or empty>"
+--   P:uu                ZSET    unique keys held for a time, score held until (to forget them)
+--   P:c                 HASH    "<job>\0<queue>\0<state>" -> count
+--   P:h                 HASH    "<job>\0w:<bucket>", "\0wc" count, "\0wt" total and "\0wm" max in
+--                               microseconds (wait); the same with r (run); "\0retry",
+--                               "\0recovery", "\0x:<category>" (rejections by category)
+--   P:paused            SET     paused queue names
+--   P:fired             HASH    schedule -> last tick granted
+--   P:workers           HASH    worker id -> "<expires_at>\0<info json>"
+--   P:wait / P:done:<id> ZSET / LIST  wait_finished: waiters by deadline, and their wake-up
+--   channel P:w:<Q>             PUBLISH when a queue gains work
+-- A live record is msgpack: a fresh job is the array [seq, envelope, queued_at, meta?] (the
+-- smallest thing that can be claimed); any other is a map with the short keys used below.
+-- The envelope is its JSON with the leading "id" member cut off (the id is the hash field).
+
+local J = KEYS[1]
+local P = string.sub(J, 1, -3)
+local BOUNDS = nil  -- base.BUCKET_BOUNDS, built on first use
+local DEFAULT_RETRIES = __DEFAULT_RETRIES__
+local TTL = {succeeded = __TTL_MS__, cancelled = __TTL_MS__, dead = __TTL_LONG_MS__,
+             rejected = __TTL_LONG_MS__}
+local FINAL = {succeeded = true, dead = true, cancelled = true, rejected = true}
+
+local function num(x) return string.format('%.17g', x) end
+local function esc(queue)
+  return (string.gsub(string.gsub(queue, '%%', '%%25'), ':', '%%3A'))
+end
+local function prio_text(p) return string.format('%.0f', p) end
+local function k_slots(queue) return P .. ':Q:' .. esc(queue) end
+local function k_fresh(queue, member) return P .. ':l:' .. esc(queue) .. ':' .. member end
+local function k_again(queue, prio) return P .. ':g:' .. esc(queue) .. ':' .. prio end
+local function k_final(id) return P .. ':d:' .. id end
+
+-- records ----------------------------------------------------------------------------------
+local function load(id)
+  local raw = redis.call('HGET', J, id)
+  if raw then return cmsgpack.unpack(raw) end
+  raw = redis.call('GET', k_final(id))
+  if raw then return cmsgpack.unpack(raw) end
+  return nil
+end
+
+local function is_fresh(rec) return rec[1] ~= nil end
+
+-- A fresh record as a full map; job, queue and priority come from the list it sits in.
+local function expand(rec, job, queue, prio)
+  local r = {st = 'queued', sq = rec[1], e = rec[2], qa = rec[3], j = job, q = queue,
+             p = prio, a = 0}
+  if type(rec[4]) == 'table' then
+    for k, v in pairs(rec[4]) do r[k] = v end
+  end
+  return r
+end
+
+-- A fresh record found by id alone: job, queue and priority are read from the envelope.
+local function expand_by_json(rec)
+  local ok, env = pcall(cjson.decode, rec[2])
+  if not ok or type(env) ~= 'table' or type(env.job) ~= 'string' then return nil end
+  local queue = env.queue
+  if type(queue) ~= 'string' then queue = 'default' end
+  local prio = env.priority
+  if type(prio) ~= 'number' then prio = 0 end
+  return expand(rec, env.job, queue, prio)
+end
+
+local function save_live(id, r) redis.call('HSET', J, id, cmsgpack.pack(r)) end
+
+-- counters and histograms: gathered in tables, written once by flush() -------------------------
+local counts, hints, hmaxes = {}, {}, {}
+local function add(t, k, n) t[k] = (t[k] or 0) + n end
+local function count(r, st, n) add(counts, r.j .. '\0' .. r.q .. '\0' .. st, n) end
+local function event(job, name) add(hints, job .. '\0' .. name, 1) end
+
+local function bucket_of(s)  -- bisect_left over BOUNDS, 0-based like base.bucket_of
+  if BOUNDS == nil then BOUNDS = {__BOUNDS__} end
+  local lo, hi = 1, #BOUNDS + 1
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if BOUNDS[mid] < s then lo = mid + 1 else hi = mid end
+  end
+  return lo - 1
+end
+
+-- Totals and maxima are kept in whole microseconds, so HINCRBY serves them.
+local function sample(job, kind, s)  -- kind: 'w' (wait) or 'r' (run)
+  if s ~= s or s < 0 then s = 0 end
+  local f = job .. '\0' .. kind
+  local us = math.floor(s * 1e6 + 0.5)
+  add(hints, f .. ':' .. bucket_of(s), 1)
+  add(hints, f .. 'c', 1)
+  add(hints, f .. 't', us)
+  if (hmaxes[f .. 'm'] or -1) < us then hmaxes[f .. 'm'] = us end
+end
+
+local function flush()
+  local c, h = P .. ':c', P .. ':h'
+  for f, n in pairs(counts) do
+    if n ~= 0 then redis.call('HINCRBY', c, f, n) end
+  end
+  for f, n in pairs(hints) do redis.call('HINCRBY', h, f, n) end
+  for f, m in pairs(hmaxes) do
+    local cur = tonumber(redis.call('HGET', h, f))
+    if cur == nil or m > cur then redis.call('HSET', h, f, m) end
+  end
+end
+
+-- unique keys --------------------------------------------------------------------------------
+-- Released at "start" (claimed) or "finish" (a final state); a key held for seconds only by time.
+local function free_unique(id, r, when)
+  local uk, uf = r.uk, r.uf
+  if uk == nil or type(uf) == 'number' then return end
+  if when == 'start' and uf ~= 'start' then return end
+  local key = P .. ':u:' .. uk
+  local held = redis.call('GET', key)
+  if held and string.sub(held, 1, #id + 1) == id .. '\0' then redis.call('DEL', key) end
+end
+
+-- where a live job sits ----------------------------------------------------------------------
+local woken = {}
+local function wake(queue)
+  if not woken[queue] then
+    woken[queue] = true
+    redis.call('PUBLISH', P .. ':w:' .. esc(queue), '1')
+  end
+end
+
+-- Take a (non-fresh) live job out of the structure its state keeps it in. (Its P:x entry, if
+-- any, stays: a waiting job keeps it until it starts running or finishes.)
+local function detach(id, r)
+  local st = r.st
+  if st == 'running' then redis.call('ZREM', P .. ':lease', id)
+  elseif st == 'scheduled' or st == 'retrying' then redis.call('ZREM', P .. ':due', id)
+  elseif st == 'queued' then redis.call('ZREM', k_again(r.q, prio_text(r.p)), id) end
+end
+
+-- Put a live job where its new state keeps it.
+local function attach(id, r)
+  local st = r.st
+  if st ~= 'running' and type(r.x) == 'number' then redis.call('ZADD', P .. ':x', num(r.x), id) end
+  if st == 'running' then redis.call('ZADD', P .. ':lease', num(r.lu), id)
+  elseif st == 'scheduled' or st == 'retrying' then redis.call('ZADD', P .. ':due', num(r.du), id)
+  elseif st == 'queued' then
+    local prio = prio_text(r.p)
+    redis.call('ZADD', k_again(r.q, prio), r.sq, id)
+    redis.call('ZADD', k_slots(r.q), -r.p, prio)
+    wake(r.q)
+  end
+end
+
+-- Move a job from state `old` to r.st in the indexes; `fresh` when it was in a P:l list.
+local function reindex(id, r, old, fresh)
+  if fresh then
+    redis.call('ZADD', P .. ':n:' .. r.j, r.sq, id)
+  else
+    redis.call('ZREM', P .. ':s:' .. old, id)
+  end
+  redis.call('ZADD', P .. ':s:' .. r.st, r.sq, id)
+  count(r, old, -1)
+  count(r, r.st, 1)
+end
+
+local function notify(id)
+  if redis.call('ZSCORE', P .. ':wait', id) then
+    local key = P .. ':done:' .. id
+    redis.call('RPUSH', key, '1')
+    redis.call('PEXPIRE', key, 10000)
+  end
+end
+
+-- A live job (already detached) ends in final state `st` at `now`.
+local function finish(id, r, st, now, fresh)
+  local old = r.st
+  r.st = st
+  r.fa = now
+  r.lu = nil
+  r.du = nil
+  reindex(id, r, old, fresh)
+  if type(r.x) == 'number' then redis.call('ZREM', P .. ':x', id) end
+  redis.call('RPUSH', P .. ':f:' .. st, id)
+  free_unique(id, r, 'finish')
+  redis.call('HDEL', J, id)
+  redis.call('SET', k_final(id), cmsgpack.pack(r), 'PX', TTL[st])
+  notify(id)
+end
+
+-- A running record still owned by the claim with attempt id `ai`.
+local function owned(r, ai)
+  return r ~= nil and r.st == 'running' and r.ai == ai
+end
+
+-- Pop up to `limit` jobs from the head of P:f:<st> that finished before `cutoff` and forget
+-- them. Stops at the first that finished later: the list is in finishing order (workers' clocks
+-- may disagree a little, which delays a few by as much). Returns how many were forgotten.
+local forget
+local function forget_finished(st, cutoff, limit)
+  local key, n = P .. ':f:' .. st, 0
+  while n < limit do
+    local id = redis.call('LINDEX', key, 0)
+    if not id then break end
+    local raw = redis.call('GET', k_final(id))
+    local r = raw and cmsgpack.unpack(raw)
+    if r and r.st == st then
+      if not (r.fa < cutoff) then break end
+      forget(id, r)
+      n = n + 1
+    end
+    redis.call('LPOP', key)  -- forgotten now, or gone already (deleted, retried, expired)
+  end
+  return n
+end
+
+-- Forget a finished job and every index entry that names it (its P:f entry is popped by the
+-- caller, or left for the sweep to drop when it reaches the head).
+forget = function(id, r)
+  redis.call('DEL', k_final(id))
+  redis.call('ZREM', P .. ':s:' .. r.st, id)
+  redis.call('ZREM', P .. ':n:' .. r.j, id)
+  if type(r.tg) == 'table' then
+    for _, tag in ipairs(r.tg) do redis.call('ZREM', P .. ':t:' .. tag, id) end
+  end
+end

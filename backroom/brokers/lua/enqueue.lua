@@ -1,0 +1,124 @@
+-- enqueue.lua: store a batch of envelopes, all or none.
+-- KEYS[1] P:j. ARGV[1] msgpack array of rows [id, envelope, job, queue, priority (text),
+-- due (nil unless scheduled), meta (nil or map: mr x uk uf tg ca)], ARGV[2] now.
+-- Writes P:seq, P:j, P:l:*, P:Q:*, P:queues, P:due, P:x, P:s:scheduled, P:n:*, P:t:*, P:u:*,
+-- P:uu, P:c;
+-- publishes on P:w:<queue> when a queue had no claimable fresh job before.
+-- Returns a flat list [index, existing id, ...] for rows whose unique key is held (0-based).
+local rows = cmsgpack.unpack(ARGV[1])
+local now = tonumber(ARGV[2])
+
+-- The stored envelope of a job id, or nil.
+local function stored_envelope(id)
+  if redis.call('HEXISTS', J, id) == 0 and redis.call('EXISTS', k_final(id)) == 0 then
+    return nil
+  end
+  local rec = load(id)
+  if rec == nil then return nil end
+  if is_fresh(rec) then return rec[2] end
+  return rec.e
+end
+
+-- pass 1: decide, write nothing (a script that fails half-way keeps its writes)
+local out, take, held, seen = {}, {}, {}, {}
+for i, row in ipairs(rows) do
+  local id, meta = row[1], row[7]
+  local uk = type(meta) == 'table' and meta.uk or nil
+  local holder = nil
+  if uk ~= nil then
+    holder = held[uk]
+    if holder == nil then
+      local v = redis.call('GET', P .. ':u:' .. uk)
+      if v then
+        local sep = string.find(v, '\0', 1, true)
+        local untils = string.sub(v, sep + 1)
+        if untils == '' or tonumber(untils) > now then holder = string.sub(v, 1, sep - 1) end
+      end
+    end
+  end
+  if holder ~= nil then
+    out[#out + 1] = i - 1
+    out[#out + 1] = holder
+  else
+    if seen[id] then return redis.error_reply('DUPLICATE job id ' .. id .. ' twice in one batch') end
+    local existing = stored_envelope(id)
+    if existing ~= nil then
+      if existing ~= row[2] then
+        return redis.error_reply('DUPLICATE job id ' .. id .. ' is already stored')
+      end
+      -- the very same envelope: a retried call whose first reply was lost; keep the first
+    else
+      take[#take + 1] = row
+    end
+    seen[id] = true
+    if uk ~= nil then held[uk] = id end
+  end
+end
+if #take == 0 then return out end
+
+-- pass 2: write
+local seq = redis.call('INCRBY', P .. ':seq', #take) - #take
+local lists, list_order = {}, {}
+for _, row in ipairs(take) do
+  seq = seq + 1
+  local id, env, job, queue, prio, due, meta = row[1], row[2], row[3], row[4], row[5], row[6], row[7]
+  if type(meta) ~= 'table' then meta = nil end
+  if meta and meta.uk ~= nil then
+    local untils = ''
+    if type(meta.uf) == 'number' then untils = num(now + meta.uf) end
+    local key = P .. ':u:' .. meta.uk
+    redis.call('SET', key, id .. '\0' .. untils)
+    if untils ~= '' then
+      redis.call('PEXPIRE', key, math.floor(meta.uf * 1000) + 3600000)  -- a backstop only
+      redis.call('ZADD', P .. ':uu', untils, meta.uk)
+    end
+  end
+  if due then
+    local r = {st = 'scheduled', sq = seq, e = env, j = job, q = queue, p = tonumber(prio),
+               a = 0, du = due}
+    if meta then for k, v in pairs(meta) do r[k] = v end end
+    save_live(id, r)
+    redis.call('ZADD', P .. ':due', num(due), id)
+    redis.call('ZADD', P .. ':s:scheduled', seq, id)
+    redis.call('ZADD', P .. ':n:' .. job, seq, id)
+    count(r, 'scheduled', 1)
+  else
+    local rec
+    if meta then rec = {seq, env, now, meta} else rec = {seq, env, now} end
+    redis.call('HSET', J, id, cmsgpack.pack(rec))
+    local member = prio .. ':' .. job
+    local key = k_fresh(queue, member)
+    local ids = lists[key]
+    if ids == nil then
+      ids = {}
+      lists[key] = ids
+      list_order[#list_order + 1] = {key, queue, prio, member}
+    end
+    ids[#ids + 1] = id
+    add(counts, job .. '\0' .. queue .. '\0queued', 1)
+  end
+  if meta and type(meta.x) == 'number' then redis.call('ZADD', P .. ':x', num(meta.x), id) end
+  if meta and type(meta.tg) == 'table' then
+    for _, tag in ipairs(meta.tg) do redis.call('ZADD', P .. ':t:' .. tag, seq, id) end
+  end
+end
+
+for _, entry in ipairs(list_order) do
+  local key, queue, prio, member = entry[1], entry[2], entry[3], entry[4]
+  -- Wake workers unless the list already starts with a claimable job: then they know of
+  -- work here, and waking every worker on every enqueue would only make them spin.
+  if redis.call('ZADD', k_slots(queue), -tonumber(prio), member) == 1 then
+    wake(queue)
+    redis.call('SADD', P .. ':queues', queue)
+  else
+    local head = redis.call('LINDEX', key, 0)
+    local raw = head and redis.call('HGET', J, head)
+    if not (raw and is_fresh(cmsgpack.unpack(raw))) then wake(queue) end
+  end
+  local ids = lists[key]
+  for i = 1, #ids, 1000 do
+    redis.call('RPUSH', key, unpack(ids, i, math.min(i + 999, #ids)))
+  end
+end
+flush()
+return out

@@ -1,0 +1,250 @@
+"""What the Redis broker keeps and how: loading the Lua scripts (lua/*.lua, each prefixed with
+lua/common.lua), and turning stored bytes into records and stats. No connection handling here."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from importlib import resources
+from typing import Any
+
+import msgspec
+
+from backroom.brokers.base import BUCKET_BOUNDS, Failure, Histogram, JobRecord, JobStats, Stats
+from backroom.envelope import Envelope, State, decode
+
+SCRIPTS = (
+    "enqueue",
+    "claim",
+    "extend",
+    "ack",
+    "nack",
+    "reject",
+    "finish_cancelled",
+    "release",
+    "progress",
+    "cancel",
+    "retry",
+    "delete",
+    "promote",
+    "sweep",
+    "prune",
+    "fire_once",
+    "jobs",
+)
+
+
+# A finished record outlives its result ttl by a margin (a tenth of it, at least a minute), so
+# the sweep that forgets it and what names it in the indexes runs first; Redis drops it by
+# itself when no worker sweeps.
+def expiry_margin_s(ttl_s: float) -> float:
+    return max(60.0, ttl_s / 10)
+
+
+DEFAULT_MAX_RETRIES = Envelope(id="", job="", source="").max_retries
+
+_packer = msgspec.msgpack.Encoder()
+_unpacker = msgspec.msgpack.Decoder()
+_json = msgspec.json.Encoder()
+
+
+def lua_sources(result_ttl_s: float) -> dict[str, str]:
+    """Every script's full text: common.lua with its constants filled in, then the script."""
+    folder = resources.files("backroom.brokers").joinpath("lua")
+    ttl = result_ttl_s
+    common = (
+        folder.joinpath("common.lua")
+        .read_text(encoding="utf-8")
+        .replace("__BOUNDS__", ", ".join(repr(bound) for bound in BUCKET_BOUNDS))
+        .replace("__DEFAULT_RETRIES__", str(DEFAULT_MAX_RETRIES))
+        .replace("__TTL_MS__", str(int((ttl + expiry_margin_s(ttl)) * 1000)))
+        .replace("__TTL_LONG_MS__", str(int((4 * ttl + expiry_margin_s(4 * ttl)) * 1000)))
+    )
+    return {
+        name: common + "\n" + folder.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+        for name in SCRIPTS
+    }
+
+
+# -- envelopes: stored without their leading "id" member (the id is the hash field) ----------
+
+
+def stored_envelope(envelope: Envelope) -> bytes:
+    raw = envelope.encode()
+    head = b'{"id":' + _json.encode(envelope.id) + b","
+    return b"{" + raw[len(head) :] if raw.startswith(head) else raw
+
+
+def restored_envelope(job_id: str, stored: bytes | str) -> Envelope:
+    """Raises BadEnvelope when the stored bytes are not an envelope."""
+    data = stored.encode() if isinstance(stored, str) else stored
+    if not data.startswith(b'{"id"'):
+        data = b'{"id":' + _json.encode(job_id) + b"," + data[1:]
+    return decode(data)
+
+
+def enqueue_row(envelope: Envelope, now: float) -> tuple[Any, ...]:
+    """One envelope as enqueue.lua reads it: [id, envelope, job, queue, priority, due, meta];
+    meta holds only what differs from the defaults, so a plain job's record stays small."""
+    meta: dict[str, Any] = {}
+    if envelope.max_retries != DEFAULT_MAX_RETRIES:
+        meta["mr"] = envelope.max_retries
+    if envelope.expires is not None:
+        meta["x"] = envelope.expires
+    if envelope.unique_key is not None:
+        meta["uk"] = envelope.unique_key
+        if envelope.unique_for is not None:
+            meta["uf"] = envelope.unique_for
+    if envelope.tags:
+        meta["tg"] = list(envelope.tags)
+    if not envelope.created_at:
+        meta["ca"] = now
+    due = envelope.eta if envelope.eta is not None and envelope.eta > now else None
+    return (
+        envelope.id,
+        stored_envelope(envelope).decode(),  # Lua's cmsgpack reads str, not bin
+        envelope.job,
+        envelope.queue,
+        str(envelope.priority),
+        due,
+        meta or None,
+    )
+
+
+def pack(value: Any) -> bytes:
+    """msgpack for the scripts' arguments (strings as str: Lua's cmsgpack has no bin type)."""
+    return _packer.encode(value)
+
+
+def unpack(data: bytes) -> Any:
+    return _unpacker.decode(data)
+
+
+# -- records ----------------------------------------------------------------------------------
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def record_of(job_id: str, raw: bytes) -> JobRecord:
+    """A stored record (msgpack: a fresh job's array, or any other job's map) as a JobRecord."""
+    data = _unpacker.decode(raw)
+    if isinstance(data, list):  # [seq, envelope, queued_at, meta?]: queued, never moved
+        meta: Mapping[str, Any] = data[3] if len(data) > 3 and data[3] else {}
+        env = _envelope_or_placeholder(job_id, data[1], meta)
+        queued_at = float(data[2])
+        return JobRecord(
+            id=job_id,
+            state=State.QUEUED,
+            envelope=env.with_attempt(0),
+            created_at=env.created_at or float(meta.get("ca", queued_at)),
+            queued_at=queued_at,
+        )
+    attempts = int(data.get("a", 0))
+    env = _envelope_or_placeholder(job_id, data.get("e", ""), data)
+    error = data.get("er")
+    result = data.get("r")
+    return JobRecord(
+        id=job_id,
+        state=State(data["st"]),
+        envelope=env.with_attempt(attempts),
+        attempts=attempts,
+        created_at=env.created_at or float(data.get("ca", 0.0)),
+        queued_at=_float(data.get("qa")),
+        started_at=_float(data.get("sa")),
+        finished_at=_float(data.get("fa")),
+        progress=_float(data.get("pg")),
+        progress_message=data.get("pm"),
+        result=None if result is None else msgspec.json.decode(result),
+        error=None if not error else Failure(*(str(part) for part in error[:3])),
+        reason=data.get("rs"),
+        worker_id=data.get("w"),
+        cancel_requested=bool(data.get("cr")),
+    )
+
+
+def _envelope_or_placeholder(job_id: str, stored: str, fields: Mapping[str, Any]) -> Envelope:
+    try:
+        return restored_envelope(job_id, stored)
+    except Exception:  # a malformed envelope must not make its record unreadable
+        return Envelope(
+            id=job_id,
+            job=str(fields.get("j", "?")),
+            source="?",
+            queue=str(fields.get("q", "default")),
+        )
+
+
+def running_state(raw: bytes | None) -> tuple[bool, bool]:
+    """(running, cancel requested) of a live record."""
+    if raw is None:
+        return False, False
+    data = _unpacker.decode(raw)
+    if not isinstance(data, dict) or data.get("st") != "running":
+        return False, False
+    return True, bool(data.get("cr"))
+
+
+# -- stats --------------------------------------------------------------------------------------
+
+
+def stats_of(counts: Mapping[bytes, bytes], hist: Mapping[bytes, bytes]) -> Stats:
+    """Stats from the P:c counters ("job\\0queue\\0state" -> n) and the P:h histograms."""
+    by_job: dict[str, dict[str, Any]] = {}
+
+    def entry(job: str) -> dict[str, Any]:
+        return by_job.setdefault(
+            job,
+            {"counts": {}, "w": {}, "r": {}, "retries": 0, "recoveries": 0, "rejections": {}},
+        )
+
+    queues: dict[str, int] = {}
+    for field, value in counts.items():
+        job, queue, state = field.decode().split("\0")
+        n = int(value)
+        if not n:
+            continue
+        e = entry(job)
+        e["counts"][state] = e["counts"].get(state, 0) + n
+        if state == "queued":
+            queues[queue] = queues.get(queue, 0) + n
+    for field, value in hist.items():
+        job, _, name = field.decode().partition("\0")
+        e = entry(job)
+        kind = name[:1]
+        if name == "retry":
+            e["retries"] = int(value)
+        elif name == "recovery":
+            e["recoveries"] = int(value)
+        elif name.startswith("x:"):
+            e["rejections"][name[2:]] = int(value)
+        elif kind in ("w", "r") and name[1:2] == ":":
+            e[kind][int(name[2:])] = int(value)
+        elif kind in ("w", "r") and name[1:] == "c":
+            e[name] = int(value)
+        elif kind in ("w", "r") and name[1:] in ("t", "m"):
+            e[name] = int(value) / 1e6  # kept in microseconds
+
+    def histogram(e: dict[str, Any], kind: str) -> Histogram:
+        return Histogram(
+            buckets=e[kind],
+            count=int(e.get(kind + "c", 0)),
+            total=float(e.get(kind + "t", 0.0)),
+            max=float(e.get(kind + "m", 0.0)),
+        )
+
+    return Stats(
+        jobs={
+            job: JobStats(
+                job=job,
+                counts={k: v for k, v in e["counts"].items() if v},
+                run_time=histogram(e, "r"),
+                wait_time=histogram(e, "w"),
+                retries=e["retries"],
+                recoveries=e["recoveries"],
+                rejections=e["rejections"],
+            )
+            for job, e in sorted(by_job.items())
+        },
+        queues={q: n for q, n in queues.items() if n},
+    )
