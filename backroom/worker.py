@@ -10,31 +10,46 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from queue import SimpleQueue
 from typing import Any, TypeVar
 
 from backroom.app import App, Context
 from backroom.brokers.base import Claim, Failure, WorkerInfo
-from backroom.envelope import JSON, Envelope, encode_json
+from backroom.envelope import JSON, Envelope, State, encode_json
 from backroom.errors import BackroomError, InvalidPayload, SourceNotAllowed, UnknownJob
-from backroom.jobs import JobSpec
+from backroom.jobs import MAX_BACKOFF_S, JobSpec
+from backroom.supervisor import (
+    BEAT_S,
+    EXIT_RECYCLE,
+    STOP_NOW_SIGNAL,
+    ChildChannel,
+    orphans_from_environment,
+)
 
 logger = logging.getLogger("backroom.worker")
 T = TypeVar("T")
 
 EXIT_OK = 0
-EXIT_RECYCLE = 3  # a child asks its supervisor for a fresh process (stuck thread, limits)
 HOUSEKEEPING_S = 0.5
 WORKER_TTL_S = 15.0
+BROKER_RETRY_MAX_S = 5.0
+
+__all__ = ["EXIT_OK", "EXIT_RECYCLE", "JobTimeout", "Worker", "WorkerCrashed"]
 
 
 class JobTimeout(TimeoutError):
     """A job ran past its timeout."""
+
+
+class WorkerCrashed(Exception):
+    """The process running a job died (os._exit, a segfault, the OOM killer) before it ended."""
 
 
 class _Rejected(Exception):
@@ -43,14 +58,49 @@ class _Rejected(Exception):
         self.reason, self.error = reason, error
 
 
+class _JobThreads:
+    """The threads that run sync jobs (and wait for work). Unlike ThreadPoolExecutor's they are
+    daemons, so a job stuck in a thread never holds up the process's exit; and a thread is added
+    whenever none is idle, so a written-off thread never costs a slot (the worker bounds what is
+    submitted)."""
+
+    def __init__(self) -> None:
+        self._work: SimpleQueue[tuple[Future[Any], Callable[..., Any], Any]] = SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._count = 0
+
+    def submit(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._work.put((future, function, (args, kwargs)))
+        if not self._idle.acquire(blocking=False):
+            self._count += 1
+            threading.Thread(target=self._serve, name=f"backroom-job-{self._count}",
+                             daemon=True).start()  # fmt: skip
+        return future
+
+    def _serve(self) -> None:
+        while True:
+            future, function, (args, kwargs) = self._work.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = function(*args, **kwargs)
+                except BaseException as exc:  # the job's failure, whatever it raised
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            del future, function, args, kwargs
+            self._idle.release()
+
+
 @dataclass
 class _Running:
     claim: Claim
     context: Context | None = None
-    task: asyncio.Task[None] | None = None
-    thread_future: Future[Any] | None = None
-    cancel_deadline: float | None = None  # monotonic: when a cancelled sync job is abandoned
+    task: asyncio.Task[None] | None = None  # the worker's task that runs and records this job
+    job: asyncio.Future[Any] | None = None  # the job itself: its task, or its thread's future
+    cancel_deadline: float | None = None  # monotonic: when a cancelled job is stopped hard
     outcome_recorded: bool = False
+    acked: bool = False  # its success waits in the ack batch
     started: float = field(default_factory=time.monotonic)
 
 
@@ -58,8 +108,12 @@ class Worker:
     """One worker process's engine (what `backroom worker --in-process` runs).
 
     `concurrency` jobs run at once; `lease` seconds is how long a claim stays ours without a
-    heartbeat; `burst` returns once nothing is queued, retrying or running here; `scheduler`
-    also fires the app's cron schedules."""
+    heartbeat; `burst` returns once nothing is queued, retrying or running; `scheduler` also
+    fires the app's cron schedules; `timeout` is the default for jobs that set none. `grace` is
+    how long running jobs get on stop before they are handed back; `cancel_grace` how long a
+    cancelled job gets to stop before it is stopped hard. `child` is set in a supervisor's child:
+    a job stuck past its timeout or cancel grace makes it exit with EXIT_RECYCLE (a thread
+    cannot be killed; a process can), as do `max_jobs` and `max_memory_mb`."""
 
     def __init__(
         self,
@@ -72,6 +126,7 @@ class Worker:
         scheduler: bool = False,
         grace: float = 30.0,
         cancel_grace: float = 10.0,
+        timeout: float | None = None,
         max_jobs: int | None = None,
         max_memory_mb: float | None = None,
         child: bool = False,
@@ -81,6 +136,8 @@ class Worker:
             raise BackroomError(f"concurrency must be at least 1, got {concurrency}")
         if lease <= 0:
             raise BackroomError(f"lease must be a positive number of seconds, got {lease}")
+        if timeout is not None and timeout <= 0:
+            raise BackroomError(f"timeout must be a positive number of seconds, got {timeout}")
         self.app = app
         self.broker = app.broker
         self.queues = list(queues or app.registry.queues() or ["default"])
@@ -90,6 +147,7 @@ class Worker:
         self.scheduler = scheduler
         self.grace = grace
         self.cancel_grace = cancel_grace
+        self.timeout = timeout
         self.max_jobs = max_jobs
         self.max_memory_mb = max_memory_mb
         self.child = child
@@ -99,32 +157,47 @@ class Worker:
         self.exit_code = EXIT_OK
         self._running: dict[str, _Running] = {}
         self._acks: list[tuple[Claim, JSON]] = []
+        self._done: list[str] = []  # finished job ids not yet told to the supervisor
         self._stopping = False
         self._stop_now = False
         self._recycle = False
+        self._abandoned = 0  # jobs written off in a thread or task that would not stop
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
-        self._jobs_pool = ThreadPoolExecutor(concurrency, thread_name_prefix="backroom-job")
+        self._threads = _JobThreads()
         self._io = ThreadPoolExecutor(1, thread_name_prefix="backroom-broker")
-        self._waiter = ThreadPoolExecutor(1, thread_name_prefix="backroom-wait")
+        self._waiter = _JobThreads()  # daemon: a pending wait never holds up the exit
+        self._channel = ChildChannel.from_environment() if child else None
+        self._orphans = orphans_from_environment() if child else []
 
     # -- control ---------------------------------------------------------------------------------
     def run(self) -> int:
         """Serve until stopped (SIGTERM/SIGINT, or idle in burst mode). Returns the exit code."""
+        loop = asyncio.new_event_loop()
         try:
-            return asyncio.run(self._main())
+            code = loop.run_until_complete(self._main())
         finally:
-            self._jobs_pool.shutdown(wait=False, cancel_futures=True)
+            _close(loop)
             self._io.shutdown(wait=False)
-            self._waiter.shutdown(wait=False)
+        if self.child and self._abandoned:
+            # a stuck job's thread may hold locks the interpreter's exit would wait on
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
 
     def stop(self, immediately: bool = False) -> None:
-        """Stop claiming; running jobs get `grace` seconds (none when `immediately`). Safe to
-        call from any thread or a signal handler."""
-        if self._stopping:
-            immediately = True
+        """Stop claiming; running jobs get `grace` seconds, then are handed back to the queue. A
+        second call (or `immediately`) hands them back at once. Safe from any thread."""
+        self._begin_stop(immediately or self._stopping)
+
+    def _begin_stop(self, immediately: bool = False) -> None:
         self._stopping = True
         self._stop_now = self._stop_now or immediately
+        self._wake()
+
+    def _wake(self) -> None:
         if self._loop is not None and self._changed is not None:
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._changed.set)
@@ -134,51 +207,86 @@ class Worker:
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
         self._install_signals()
+        if self._orphans:
+            await self._call(self._settle_orphans, self._orphans)
         await self._call(self.broker.register_worker, self._info(), WORKER_TTL_S)
+        if self._channel is not None:
+            self._channel.send("hello", self.id)
         background = [
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
+            asyncio.create_task(self._watch(), name="watch"),
         ]
-        watcher: asyncio.Future[None] | None = None
         logger.info("worker %s serving queues %s, concurrency %d", self.id,
                     ",".join(self.queues), self.concurrency)  # fmt: skip
         try:
-            while not self._stopping:
-                await self._flush()
-                free = self.concurrency - len(self._running)
-                claims: list[Claim] = []
-                if free > 0 and not self._recycle:
-                    claims = await self._call(
-                        self.broker.claim, self.queues, self.id, self.lease, free
-                    )
-                    for claim in claims:
-                        self._start(claim)
-                if claims and len(claims) == free:
-                    await asyncio.sleep(0)  # let the new jobs start before claiming again
-                    continue
-                if self._limits_reached():
-                    break
-                if not self._running:
-                    if self._recycle:
-                        break
-                    if self.burst and not claims and await self._call(self._nothing_left):
-                        break
-                self._changed.clear()
-                if watcher is None or watcher.done():
-                    watcher = self._loop.run_in_executor(
-                        self._waiter, self.broker.wait_for_work, self.queues, 1.0
-                    )
-                if self._acks:
-                    continue
-                await _first(self._changed.wait(), watcher, timeout=1.0)
+            await self._serve()
         finally:
             await self._shutdown()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await self._flush()
-            await self._call(self.broker.unregister_worker, self.id)
+            with contextlib.suppress(Exception):
+                await self._call(self.broker.unregister_worker, self.id)
         return EXIT_RECYCLE if self._recycle else self.exit_code
+
+    async def _serve(self) -> None:
+        assert self._loop is not None and self._changed is not None
+        watcher: asyncio.Future[None] | None = None
+        failing = 0.0  # seconds to back off after a broker error
+        while not self._stopping:
+            self._changed.clear()  # before the work: a wake-up during it is not lost
+            try:
+                await self._flush()
+                free = self.concurrency - len(self._running)
+                if self.max_jobs is not None:
+                    free = min(free, self.max_jobs - self.jobs_done - len(self._running))
+                    self._recycle = self._recycle or self.jobs_done >= self.max_jobs
+                claims: list[Claim] = []
+                if free > 0 and not self._recycle:
+                    claims = await self._call(
+                        self.broker.claim, self.queues, self.id, self.lease, free
+                    )
+                    if claims:
+                        self._report_claims(claims)
+                    for claim in claims:
+                        self._start(claim)
+                failing = 0.0
+                if claims and len(claims) == free:
+                    await asyncio.sleep(0)  # let the new jobs start before claiming again
+                    continue
+                if not self._running and (
+                    self._recycle
+                    or (self.burst and not claims and await self._call(self._nothing_left))
+                ):
+                    break
+            except Exception as exc:  # the broker is down or refuses: keep serving, back off
+                failing = min(BROKER_RETRY_MAX_S, failing * 2 or 0.25)
+                logger.error("broker call failed (%s: %s); retrying in %.2f s",
+                             type(exc).__name__, exc, failing)  # fmt: skip
+                await _first(self._changed.wait(), timeout=failing)
+                continue
+            if watcher is None or watcher.done():
+                if watcher is not None and not watcher.cancelled():
+                    watcher.exception()  # a failed wait only means "look again"
+                watcher = asyncio.wrap_future(
+                    self._waiter.submit(self.broker.wait_for_work, self.queues, 1.0)
+                )
+            if self._acks or self._done:
+                continue
+            await _first(self._changed.wait(), watcher, timeout=1.0)
+
+    def _report_claims(self, claims: Sequence[Claim]) -> None:
+        """Tell the supervisor what this child now holds, before any of it runs."""
+        if self._channel is None:
+            return
+        now = time.time()
+        held = []
+        for claim in claims:
+            timeout = self._timeout_of(claim.envelope)
+            held.append([claim.id, claim.attempt_id, now + timeout if timeout else None])
+        self._channel.send("claim", held)
 
     def _start(self, claim: Claim) -> None:
         entry = _Running(claim)
@@ -192,7 +300,8 @@ class Worker:
             try:
                 spec, arguments = self._check(envelope)
             except _Rejected as rejected:
-                await self._call(self.broker.reject, claim, rejected.reason)
+                entry.outcome_recorded = True
+                await self._persist(self.broker.reject, claim, rejected.reason)
                 logger.warning("rejected job %s (%s): %s", claim.id, envelope.job, rejected.reason)
                 self._notify(self.app.reject_hooks, envelope, rejected.error)
                 return
@@ -202,16 +311,17 @@ class Worker:
             try:
                 result = await self._invoke(entry, spec, call_args, arguments)
                 encode_json(result)
-            except asyncio.CancelledError:
-                if not context.cancelled:
-                    raise  # shutdown: the job was handed back to the queue
-                await self._finish_cancelled(entry)
-                return
             except BaseException as exc:  # the job's own failure, whatever it raised
+                ours = asyncio.current_task()
+                if isinstance(exc, asyncio.CancelledError) and ours and ours.cancelling():
+                    raise  # handed back at shutdown, or stopped hard: the outcome is recorded
+                if entry.outcome_recorded:
+                    return
                 if context.cancelled:
                     await self._finish_cancelled(entry)
-                elif not entry.outcome_recorded:
-                    await self._fail(entry, spec, exc)
+                else:
+                    entry.outcome_recorded = True
+                    await self._persist(self._record_failure, claim, exc)
                 return
             if entry.outcome_recorded:
                 return
@@ -219,37 +329,55 @@ class Worker:
                 await self._finish_cancelled(entry)
                 return
             if envelope.then:
-                await self._call(self._enqueue_then, envelope, result)
+                await self._persist(self._enqueue_then, envelope, result)
+            entry.acked = entry.outcome_recorded = True
             self._acks.append((claim, result))
-            self.jobs_done += 1
         finally:
             self._running.pop(claim.id, None)
+            self.jobs_done += 1
+            if self._channel is not None and not entry.acked:
+                self._done.append(claim.id)
+            if self.max_memory_mb is not None:  # after each job, as a leak shows up there
+                self._check_memory()
             if self._changed is not None:
                 self._changed.set()
 
     async def _invoke(
         self, entry: _Running, spec: JobSpec, call_args: tuple[Any, ...], arguments: dict[str, Any]
     ) -> Any:
-        timeout = entry.claim.envelope.timeout or spec.timeout
+        timeout = self._timeout_of(entry.claim.envelope)
+        job: asyncio.Future[Any]
+        thread: Future[Any] | None = None
         if spec.is_async:
-            coroutine = spec.function(*call_args, **arguments)
-            try:
-                return await asyncio.wait_for(coroutine, timeout) if timeout else await coroutine
-            except TimeoutError:
-                raise JobTimeout(f"job exceeded its timeout of {timeout:g} s") from None
-        assert self._loop is not None
-        future = self._jobs_pool.submit(spec.function, *call_args, **arguments)
-        entry.thread_future = future
-        wrapped = asyncio.wrap_future(future, loop=self._loop)
-        if not timeout:
-            return await asyncio.shield(wrapped)
+            job = asyncio.ensure_future(spec.function(*call_args, **arguments))
+        else:
+            thread = self._threads.submit(spec.function, *call_args, **arguments)
+            job = asyncio.wrap_future(thread)
+        job.add_done_callback(_consume)
+        entry.job = job
         try:
-            return await asyncio.wait_for(asyncio.shield(wrapped), timeout)
-        except TimeoutError:
-            # A thread cannot be killed: the outcome is recorded now, and a child process asks
-            # its supervisor for a fresh process once its other jobs are done.
-            self._abandon(entry, "timeout")
-            raise JobTimeout(f"job exceeded its timeout of {timeout:g} s") from None
+            await asyncio.wait((job,), timeout=timeout)
+        except asyncio.CancelledError:
+            job.cancel()  # an async job stops with us; a thread runs on, its outcome ignored
+            raise
+        if job.done():
+            return job.result()
+        assert timeout is not None
+        job.cancel()
+        if thread is None:  # an async job gets the cancel grace to clean up, as on cancel
+            await asyncio.wait((job,), timeout=self.cancel_grace)
+        if not (job if thread is None else thread).done():
+            self._abandon(entry, f"ran past its timeout of {timeout:g} s")
+        raise JobTimeout(f"job exceeded its timeout of {timeout:g} s")
+
+    def _timeout_of(self, envelope: Envelope) -> float | None:
+        if envelope.timeout:
+            return envelope.timeout
+        if envelope.job in self.app.registry:
+            spec_timeout = self.app.registry.get(envelope.job).timeout
+            if spec_timeout:
+                return spec_timeout
+        return self.timeout
 
     def _check(self, envelope: Envelope) -> tuple[JobSpec, dict[str, Any]]:
         """The worker-side checks of an envelope that got past (or around) a producer."""
@@ -281,33 +409,59 @@ class Worker:
             where = f"field {exc.field!r} " if exc.field else ""
             raise _Rejected(f"invalid payload: {where}{exc.problem}", exc) from None
 
-    async def _fail(self, entry: _Running, spec: JobSpec, exc: BaseException) -> None:
-        claim = entry.claim
-        entry.outcome_recorded = True
-        attempt = claim.envelope.attempt
+    def _record_failure(self, claim: Claim, exc: BaseException) -> None:
+        """nack with the job's retry policy: `retrying` with backoff, or `dead` when the attempts
+        are used up; then the hooks. Runs on the broker thread."""
+        envelope = claim.envelope
+        attempt = envelope.attempt
         failure = Failure(
             type=type(exc).__name__,
             message=str(exc),
-            traceback="".join(traceback.format_exception(exc)),
+            traceback="".join(traceback.format_exception(exc)) if exc.__traceback__ else "",
         )
         retry_at = None
-        if attempt <= claim.envelope.max_retries:
-            retry_at = time.time() + spec.backoff_s(attempt)
-        ok = await self._call(self.broker.nack, claim, failure, retry_at)
-        if not ok:
+        if attempt <= envelope.max_retries:
+            retry_at = time.time() + self._backoff_s(envelope.job, attempt)
+        if not self.broker.nack(claim, failure, retry_at):
             logger.warning("job %s (%s) lost its lease; its failure was not recorded",
-                           claim.id, claim.envelope.job)  # fmt: skip
+                           claim.id, envelope.job)  # fmt: skip
             return
         if retry_at is None:
-            logger.error("job %s (%s) is dead after %d attempts: %s: %s", claim.id,
-                         claim.envelope.job, attempt, failure.type, failure.message)  # fmt: skip
+            logger.error("job %s (%s) is dead after %d attempts: %s: %s", claim.id, envelope.job,
+                         attempt, failure.type, failure.message)  # fmt: skip
         else:
             logger.warning("job %s (%s) failed attempt %d (%s: %s); retrying in %.1f s", claim.id,
-                           claim.envelope.job, attempt, failure.type, failure.message,
+                           envelope.job, attempt, failure.type, failure.message,
                            retry_at - time.time())  # fmt: skip
-        self._notify(self.app.failure_hooks, claim.envelope, exc)
+        self._notify(self.app.failure_hooks, envelope, exc)
         if retry_at is None:
-            self._notify(self.app.dead_hooks, claim.envelope, exc)
+            self._notify(self.app.dead_hooks, envelope, exc)
+
+    def _backoff_s(self, job: str, attempt: int) -> float:
+        if job in self.app.registry:
+            return self.app.registry.get(job).backoff_s(attempt)
+        return min(MAX_BACKOFF_S, 2.0 ** (attempt - 1))
+
+    def _settle_orphans(self, orphans: Sequence[dict[str, Any]]) -> None:
+        """Fail at once the jobs a dead predecessor held (its supervisor says which and why), or
+        hand back the innocent ones; a claim that moved on since (lease expired, reclaimed) is
+        left alone: its attempt id no longer matches. Runs on the broker thread."""
+        records = self.broker.get_many([str(o["id"]) for o in orphans])
+        released: list[Claim] = []
+        for orphan, record in zip(orphans, records, strict=True):
+            if record is None or record.state != State.RUNNING:
+                continue
+            claim = Claim(record.envelope, 0.0, str(orphan["attempt_id"]))
+            if orphan.get("release"):
+                released.append(claim)
+            elif record.cancel_requested:
+                self.broker.finish_cancelled(claim, record.reason or "cancelled")
+            else:
+                kind, message = orphan.get("error") or ("WorkerCrashed", "its worker process died")
+                error = JobTimeout(message) if kind == "JobTimeout" else WorkerCrashed(message)
+                self._record_failure(claim, error)
+        if released:
+            self.broker.release(released)
 
     async def _finish_cancelled(self, entry: _Running) -> None:
         if entry.outcome_recorded:
@@ -315,14 +469,18 @@ class Worker:
         entry.outcome_recorded = True
         record = await self._call(self.broker.get, entry.claim.id)
         reason = (record.reason if record and record.reason else None) or "cancelled"
-        await self._call(self.broker.finish_cancelled, entry.claim, reason)
+        await self._persist(self.broker.finish_cancelled, entry.claim, reason)
 
     def _abandon(self, entry: _Running, why: str) -> None:
-        logger.error("job %s (%s) is stuck in a thread (%s); it is abandoned%s", entry.claim.id,
+        """Write off a job that will not stop: its outcome is recorded, its thread or task runs
+        on. A child then stops (running jobs get the grace period) for a fresh process."""
+        self._abandoned += 1
+        logger.error("job %s (%s) %s and could not be stopped; it is abandoned%s", entry.claim.id,
                      entry.claim.envelope.job, why,
                      " and this process will be replaced" if self.child else "")  # fmt: skip
         if self.child:
             self._recycle = True
+            self._begin_stop()
 
     def _enqueue_then(self, envelope: Envelope, result: JSON) -> None:
         """The follow-up job, enqueued before the ack with a key tied to this job, so a crash in
@@ -337,6 +495,8 @@ class Worker:
     def _notify(self, hooks: Sequence[Callable[[Envelope, BaseException], None]],
                 envelope: Envelope, error: BaseException) -> None:  # fmt: skip
         """Hooks observe: one that raises is logged and skipped, never changes an outcome."""
+        if not hooks:
+            return
         redacted = envelope.__class__(**{
             **{f: getattr(envelope, f) for f in envelope.__struct_fields__},
             "payload": self.app.redact(envelope.payload),
@@ -348,49 +508,73 @@ class Worker:
                 logger.exception("error hook %r raised; ignored", hook)
 
     async def _flush(self) -> None:
-        """Record the buffered successes in one broker call."""
-        if not self._acks:
-            return
-        outcomes, self._acks = self._acks, []
-        done = await self._call(self.broker.ack, outcomes)
-        for (claim, _), ok in zip(outcomes, done, strict=True):
-            if not ok:
-                logger.warning("job %s (%s) finished after losing its lease; another worker "
-                               "owns it now, this result was not recorded",
-                               claim.id, claim.envelope.job)  # fmt: skip
+        """Record the buffered successes in one broker call; tell the supervisor what is done."""
+        if self._acks:
+            outcomes, self._acks = self._acks, []
+            try:
+                done = await self._call(self.broker.ack, outcomes)
+            except BaseException:
+                self._acks = outcomes + self._acks  # kept for the next flush
+                raise
+            for (claim, _), ok in zip(outcomes, done, strict=True):
+                if not ok:
+                    logger.warning("job %s (%s) finished after losing its lease; another worker "
+                                   "owns it now, this result was not recorded",
+                                   claim.id, claim.envelope.job)  # fmt: skip
+            if self._channel is not None:
+                self._done.extend(claim.id for claim, _ in outcomes)
+        if self._done:
+            if self._channel is not None:
+                self._channel.send("done", self._done)
+            self._done = []
 
     # -- background duties -----------------------------------------------------------------------
     async def _heartbeat(self) -> None:
-        """Every second: notice cancel requests and stuck cancelled jobs; every lease/3: renew
-        the leases of running jobs and the worker's own registration."""
+        """Every second: notice cancel requests and stop cancelled jobs that overstay their
+        grace; every lease/3: renew the leases of running jobs and the worker's registration."""
         renew_every = max(0.05, self.lease / 3)
-        last_renew = time.monotonic()
-        last_register = time.monotonic()
+        last_renew = last_register = time.monotonic()
+        registered: set[str] = set()
         while True:
             await asyncio.sleep(min(1.0, renew_every))
-            running = list(self._running.values())
-            ids = [entry.claim.id for entry in running]
-            if ids:
-                for job_id in await self._call(self.broker.cancel_requested, ids):
-                    self._request_cancel(job_id)
-            now = time.monotonic()
-            for entry in running:
-                if entry.cancel_deadline is not None and now > entry.cancel_deadline:
-                    entry.cancel_deadline = None
-                    self._abandon(entry, "did not stop after being cancelled")
-                    await self._finish_cancelled(entry)
-                    if entry.task is not None:
-                        entry.task.cancel()
-            if now - last_renew >= renew_every and running:
-                last_renew = now
-                claims = [e.claim for e in running if not e.outcome_recorded]
-                kept = await self._call(self.broker.extend, claims, self.lease)
-                for claim in claims:
-                    if claim.id not in kept and claim.id in self._running:
-                        logger.warning("job %s (%s) lost its lease", claim.id, claim.envelope.job)
-            if now - last_register >= WORKER_TTL_S / 3:
-                last_register = now
-                await self._call(self.broker.register_worker, self._info(), WORKER_TTL_S)
+            try:
+                running = list(self._running.values())
+                ids = [entry.claim.id for entry in running if not entry.outcome_recorded]
+                if ids:
+                    for job_id in await self._call(self.broker.cancel_requested, ids):
+                        self._request_cancel(job_id)
+                now = time.monotonic()
+                for entry in running:
+                    if (
+                        entry.cancel_deadline is not None
+                        and now > entry.cancel_deadline
+                        and not entry.outcome_recorded
+                        and entry.job is not None
+                        and not entry.job.done()  # it has not stopped yet
+                    ):
+                        entry.cancel_deadline = None
+                        self._abandon(entry, f"ignored its cancel for {self.cancel_grace:g} s")
+                        await self._finish_cancelled(entry)
+                        if entry.task is not None:
+                            entry.task.cancel()
+                if now - last_renew >= renew_every and running:
+                    last_renew = now
+                    claims = [e.claim for e in running if not e.outcome_recorded]
+                    kept = await self._call(self.broker.extend, claims, self.lease)
+                    for claim in claims:
+                        if claim.id not in kept and claim.id in self._running:
+                            logger.warning("job %s (%s) lost its lease", claim.id,
+                                           claim.envelope.job)  # fmt: skip
+                # registration shows the current jobs: renewed when they change (at most once a
+                # second), and every third of its time to live
+                current = set(self._running)
+                if now - last_register >= WORKER_TTL_S / 3 or (
+                    current != registered and now - last_register >= 1.0
+                ):
+                    last_register, registered = now, current
+                    await self._call(self.broker.register_worker, self._info(), WORKER_TTL_S)
+            except Exception as exc:
+                logger.error("heartbeat failed (%s: %s); retrying", type(exc).__name__, exc)
 
     def _request_cancel(self, job_id: str) -> None:
         entry = self._running.get(job_id)
@@ -398,10 +582,9 @@ class Worker:
             return
         entry.context._cancelled.set()
         logger.info("job %s (%s) was asked to cancel", job_id, entry.claim.envelope.job)
-        if entry.thread_future is None and entry.task is not None:
-            entry.task.cancel()  # an async job gets task cancellation
-        else:
-            entry.cancel_deadline = time.monotonic() + self.cancel_grace
+        if isinstance(entry.job, asyncio.Task):
+            entry.job.cancel()  # an async job gets task cancellation; a sync one sees the flag
+        entry.cancel_deadline = time.monotonic() + self.cancel_grace
 
     async def _housekeeping(self) -> None:
         """Move due jobs to their queues and recover expired leases; fire schedules."""
@@ -411,55 +594,111 @@ class Worker:
 
             ticker = Scheduler(self.app)
         while True:
-            moved = await self._call(self.broker.promote_due)
-            recovered = await self._call(self.broker.sweep_expired)
-            if recovered:
-                logger.warning("recovered %d job(s) whose worker stopped renewing its lease",
-                               len(recovered))  # fmt: skip
-            if ticker is not None:
-                moved += await self._call(ticker.tick)
-            if (moved or recovered) and self._changed is not None:
-                self._changed.set()
+            try:
+                moved = await self._call(self.broker.promote_due)
+                recovered = await self._call(self.broker.sweep_expired)
+                if recovered:
+                    logger.warning("recovered %d job(s) whose worker stopped renewing its lease",
+                                   len(recovered))  # fmt: skip
+                if ticker is not None:
+                    moved += await self._call(ticker.tick)
+                if (moved or recovered) and self._changed is not None:
+                    self._changed.set()
+            except Exception as exc:
+                logger.error("housekeeping failed (%s: %s); retrying", type(exc).__name__, exc)
             await asyncio.sleep(HOUSEKEEPING_S)
+
+    async def _watch(self) -> None:
+        """Each second, from the event loop (so silence means it froze): tell the supervisor
+        this child lives, stop if the supervisor is gone, recycle past the memory limit."""
+        parent = os.getppid()
+        while True:
+            await asyncio.sleep(BEAT_S)
+            if self._channel is not None:
+                self._channel.send("beat")
+            if self.child and os.getppid() != parent and not self._stopping:
+                logger.error("worker %s: its supervisor is gone; stopping", self.id)
+                self._begin_stop()
+            if self.max_memory_mb is not None:
+                self._check_memory()
+
+    def _check_memory(self) -> None:
+        assert self.max_memory_mb is not None
+        if not self._recycle and _rss_mb() > self.max_memory_mb:
+            logger.warning("worker %s uses more than %g MB; finishing its jobs and recycling",
+                           self.id, self.max_memory_mb)  # fmt: skip
+            self._recycle = True
+            self._wake()
 
     # -- shutdown --------------------------------------------------------------------------------
     async def _shutdown(self) -> None:
         """Let running jobs finish within the grace period, then hand the rest back at once."""
+        assert self._changed is not None
         if self._running and not self._stop_now:
             logger.info("stopping: waiting up to %g s for %d running job(s)", self.grace,
                         len(self._running))  # fmt: skip
             deadline = time.monotonic() + self.grace
             while self._running and not self._stop_now and time.monotonic() < deadline:
-                assert self._changed is not None
                 self._changed.clear()
-                await self._flush()
+                with contextlib.suppress(Exception):
+                    await self._flush()
                 await _first(self._changed.wait(), timeout=min(1.0, deadline - time.monotonic()))
-        await self._flush()
+        with contextlib.suppress(Exception):
+            await self._flush()
         leftover = [e for e in self._running.values() if not e.outcome_recorded]
         if leftover:
-            handed = await self._call(self.broker.release, [e.claim for e in leftover])
-            logger.warning("handed %d unfinished job(s) back to the queue", handed)
             for entry in leftover:
                 entry.outcome_recorded = True
-                if entry.task is not None:
-                    entry.task.cancel()
-            await asyncio.gather(
-                *(e.task for e in leftover if e.task is not None), return_exceptions=True
-            )
+            handed = await self._persist(self.broker.release, [e.claim for e in leftover])
+            logger.warning("handed %d unfinished job(s) back to the queue", handed or 0)
+        for entry in leftover:
+            if entry.task is not None:
+                entry.task.cancel()
+        # the rest are recording their outcomes
+        await asyncio.gather(
+            *(e.task for e in self._running.values() if e.task is not None),
+            return_exceptions=True,
+        )
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
         assert self._loop is not None
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        if self.child:
+            # the supervisor relays a terminal's Ctrl-C; SIGTERM never escalates here, since it
+            # may reach the whole process group as well as the supervisor
+            handlers = {signal.SIGTERM: self._begin_stop, signal.SIGINT: _ignore,
+                        STOP_NOW_SIGNAL: lambda: self._begin_stop(immediately=True)}  # fmt: skip
+        else:
+            handlers = {signal.SIGTERM: self.stop, signal.SIGINT: self.stop}
+        for sig, handler in handlers.items():
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                self._loop.add_signal_handler(sig, self.stop)
+                self._loop.add_signal_handler(sig, handler)
 
     # -- helpers ---------------------------------------------------------------------------------
     async def _call(self, function: Callable[..., T], *args: Any) -> T:
         """A broker call on the broker thread, so the event loop never blocks on I/O."""
         assert self._loop is not None
         return await self._loop.run_in_executor(self._io, function, *args)
+
+    async def _persist(self, function: Callable[..., T], *args: Any) -> T | None:
+        """An outcome's broker call, retried through broker outages for up to one lease (after
+        that the lease is gone and another worker runs the job again). None if it never went."""
+        deadline = time.monotonic() + self.lease
+        delay = 0.1
+        while True:
+            try:
+                return await self._call(function, *args)
+            except Exception as exc:
+                if time.monotonic() + delay > deadline:
+                    logger.error("giving up on %s after broker errors (%s: %s)",
+                                 getattr(function, "__name__", function), type(exc).__name__,
+                                 exc)  # fmt: skip
+                    return None
+                logger.warning("broker call failed (%s: %s); retrying in %.1f s",
+                               type(exc).__name__, exc, delay)  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BROKER_RETRY_MAX_S)
 
     def _nothing_left(self) -> bool:
         stats = self.broker.stats()
@@ -469,15 +708,6 @@ class Worker:
         return not any(
             s.counts.get("retrying", 0) or s.counts.get("running", 0) for s in stats.jobs.values()
         )
-
-    def _limits_reached(self) -> bool:
-        if self.max_jobs is not None and self.jobs_done >= self.max_jobs:
-            self._recycle = True
-        if self.max_memory_mb is not None and _rss_mb() > self.max_memory_mb:
-            logger.warning("worker %s uses more than %g MB; finishing and recycling", self.id,
-                           self.max_memory_mb)  # fmt: skip
-            self._recycle = True
-        return self._recycle and not self._running
 
     def _info(self) -> WorkerInfo:
         return WorkerInfo(
@@ -495,6 +725,30 @@ async def _first(*awaitables: Any, timeout: float) -> None:
     for future in pending:
         if isinstance(future, asyncio.Task):  # our own waits; executor futures run on
             future.cancel()
+
+
+def _close(loop: asyncio.AbstractEventLoop) -> None:
+    """Close the loop without waiting on tasks of abandoned jobs that ignore cancellation
+    (asyncio.run would wait for them forever)."""
+    try:
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            loop.run_until_complete(asyncio.wait(tasks, timeout=1.0))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
+
+
+def _consume(job: asyncio.Future[Any]) -> None:
+    """Mark a job's exception as seen (a job that timed out may fail later, unobserved)."""
+    if not job.cancelled():
+        job.exception()
+
+
+def _ignore() -> None:
+    return None
 
 
 def _rss_mb() -> float:
