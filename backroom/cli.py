@@ -73,6 +73,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             scheduler=args.scheduler, grace=args.grace, cancel_grace=args.cancel_grace,
             max_jobs=args.max_jobs_per_child if args.child else None,
             max_memory_mb=args.max_memory_per_child if args.child else None, child=args.child,
+            timeout=args.timeout,
         )  # fmt: skip
         return worker.run()
     from backroom.supervisor import Supervisor
@@ -89,6 +90,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         child_args += ["--max-jobs-per-child", str(args.max_jobs_per_child)]
     if args.max_memory_per_child:
         child_args += ["--max-memory-per-child", str(args.max_memory_per_child)]
+    if args.timeout:
+        child_args += ["--timeout", str(args.timeout)]
     return Supervisor(child_args, args.processes, burst=args.burst, scheduler=args.scheduler).run()
 
 
@@ -275,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_float,
         default=10.0,
         help="seconds a cancelled running job gets to stop (default 10)",
+    )
+    sub.add_argument(
+        "--timeout", type=_positive_float, help="default timeout in seconds for jobs that set none"
     )
     sub.add_argument(
         "--max-jobs-per-child", type=_positive_int, help="recycle a child after N jobs"

@@ -23,8 +23,15 @@ from typing import Any, TypeVar
 from backroom.app import App, Context
 from backroom.brokers.base import Claim, Failure, WorkerInfo
 from backroom.envelope import JSON, Envelope, State, encode_json
-from backroom.errors import BackroomError, InvalidPayload, SourceNotAllowed, UnknownJob
+from backroom.errors import (
+    BackroomError,
+    InvalidPayload,
+    PayloadTooLarge,
+    SourceNotAllowed,
+    UnknownJob,
+)
 from backroom.jobs import MAX_BACKOFF_S, JobSpec
+from backroom.security import BadSignature
 from backroom.supervisor import (
     BEAT_S,
     EXIT_RECYCLE,
@@ -301,8 +308,10 @@ class Worker:
                 spec, arguments = self._check(envelope)
             except _Rejected as rejected:
                 entry.outcome_recorded = True
-                await self._persist(self.broker.reject, claim, rejected.reason)
-                logger.warning("rejected job %s (%s): %s", claim.id, envelope.job, rejected.reason)
+                # a secret sent in the wrong type would otherwise be quoted in the reason
+                reason = self.app.redactor.scrub(rejected.reason, envelope.payload) or ""
+                await self._persist(self.broker.reject, claim, reason)
+                logger.warning("rejected job %s (%s): %s", claim.id, envelope.job, reason)
                 self._notify(self.app.reject_hooks, envelope, rejected.error)
                 return
             context = Context(self.app, claim, spec)
@@ -386,17 +395,12 @@ class Worker:
         except UnknownJob as exc:
             reason = f"unknown job: {envelope.job!r} is not registered by this app"
             raise _Rejected(reason, exc) from None
-        keys = self.app.keys
-        if keys:
-            source_keys = keys.get(envelope.source)
-            if not envelope.signature:
-                error = BackroomError(f"envelope from {envelope.source!r} is not signed")
-                raise _Rejected(f"bad signature: {error}", error)
-            if not source_keys or not envelope.signature_valid(source_keys):
-                error = BackroomError(
-                    f"signature does not match a key of source {envelope.source!r}"
-                )
-                raise _Rejected(f"bad signature: {error}", error)
+        try:
+            self.app.verify(envelope)
+        except BadSignature as exc:
+            raise _Rejected(f"bad signature: {exc}", exc) from None
+        except PayloadTooLarge as exc:
+            raise _Rejected(f"payload too large: {exc}", exc) from None
         try:
             spec.check_source(envelope.source)
         except SourceNotAllowed as exc:
@@ -414,10 +418,12 @@ class Worker:
         are used up; then the hooks. Runs on the broker thread."""
         envelope = claim.envelope
         attempt = envelope.attempt
+        scrub = self.app.redactor.scrub  # a secret the job echoed stays out of logs and broker
+        trace = "".join(traceback.format_exception(exc)) if exc.__traceback__ else ""
         failure = Failure(
             type=type(exc).__name__,
-            message=str(exc),
-            traceback="".join(traceback.format_exception(exc)) if exc.__traceback__ else "",
+            message=scrub(str(exc), envelope.payload) or "",
+            traceback=scrub(trace, envelope.payload) or "",
         )
         retry_at = None
         if attempt <= envelope.max_retries:

@@ -64,10 +64,6 @@ def test_the_cli_prints_one_clear_line_for_a_payload_over_the_limit(url: str) ->
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the worker change: _check calls App.verify (signature and payload size)",
-)
 def test_an_oversized_envelope_written_around_the_app_is_rejected_in_the_worker(url: str) -> None:
     app = build_app(url, max_payload_bytes=1000)
     oversized = Envelope(id=new_id(), job="echo", source="api", payload={"data": "x" * 5000})

@@ -141,11 +141,6 @@ def test_the_worker_logs_no_payload(url: str, caplog: pytest.LogCaptureFixture) 
     assert PASSWORD not in logged and TOKEN not in logged
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the worker change: scrub rejection reasons and failure messages before "
-    "they are logged and stored (see the security helper's report)",
-)
 def test_the_worker_logs_no_secret_echoed_in_a_reason_or_an_exception(
     url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
