@@ -9,6 +9,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ from redis.exceptions import (
     AuthenticationError,
     ConnectionError,
     NoScriptError,
+    RedisError,
     ResponseError,
     TimeoutError,
 )
@@ -35,7 +37,7 @@ from backroom.brokers.base import (
     WorkerInfo,
     reason_category,
 )
-from backroom.brokers.redis_connect import RedisLink, RedisSettings, parse_url
+from backroom.brokers.redis_connect import RedisLink, RedisSettings, describe, parse_url
 from backroom.brokers.redis_scripts import (
     enqueue_row,
     lua_sources,
@@ -47,12 +49,13 @@ from backroom.brokers.redis_scripts import (
     unpack,
 )
 from backroom.envelope import FINAL_STATES, JSON, Envelope, State, encode_json
-from backroom.errors import BadEnvelope, BrokerError
+from backroom.errors import BadEnvelope, BrokerError, ConfigError
 
 logger = logging.getLogger("backroom")
 
 WAITER_GRACE_S = 60.0  # a wait_finished registration outlives its deadline by this much
-BLOCK_SLICE_S = 1.0  # a blocking wait re-checks at least this often
+BLOCK_SLICE_S = 1.0  # wait_finished re-reads the record at least this often
+MAX_BLOCK_S = 5.0  # no blocking read asks for more (the socket timeout is 10 s)
 _worker_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
@@ -77,6 +80,18 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
+class _Held:
+    """One thread's own connection for script calls."""
+
+    __slots__ = ("__weakref__", "connection", "give_back", "pid")
+
+    def __init__(self, pool: Any) -> None:
+        self.connection: AbstractConnection = pool.get_connection()
+        self.pid = os.getpid()
+        # back to the pool once its thread is gone (or when dropped): threads come and go
+        self.give_back = weakref.finalize(self, pool.release, self.connection)
+
+
 class RedisBroker(Broker):
     """One client (a connection pool) per broker, safe to share between threads. Keys live
     under "{prefix}:" so several apps share one Redis and each app's keys share one Redis
@@ -95,12 +110,17 @@ class RedisBroker(Broker):
             self._client.ping()  # fail fast and clearly when Redis was never reachable
         except AuthenticationError as exc:
             raise BrokerError(
-                f"redis at {settings.display} refused the credentials: {exc}"
+                f"redis at {settings.display} refused the credentials: {describe(exc)}"
             ) from None
         except (ConnectionError, TimeoutError, OSError) as exc:
-            raise BrokerError(f"redis at {settings.display} is unreachable: {exc}") from None
+            raise BrokerError(
+                f"redis at {settings.display} is unreachable: {describe(exc)}"
+            ) from None
         except ResponseError as exc:
             raise self._link.error(exc) from None
+        except (ValueError, RedisError) as exc:  # an option redis-py refuses (ssl_cert_reqs=...)
+            raise ConfigError(f"broker URL {settings.display!r}: {describe(exc)}") from None
+        self._check_eviction()
         self._scripts: dict[str, Script] = {
             name: self._client.register_script(source)
             for name, source in lua_sources(settings.result_ttl_s).items()
@@ -109,6 +129,18 @@ class RedisBroker(Broker):
         self._wait_lock = threading.Lock()
         self._pubsub: PubSub | None = None
         self._subscribed: frozenset[bytes] = frozenset()
+
+    def _check_eviction(self) -> None:
+        """A Redis that evicts any key under memory pressure can drop queued jobs: say so."""
+        try:
+            policy = self._client.info("memory").get("maxmemory_policy", "noeviction")
+        except ResponseError:  # INFO denied to this user: nothing to tell
+            return
+        policy = policy.decode() if isinstance(policy, bytes) else str(policy)
+        if policy.startswith("allkeys"):
+            logger.warning("redis at %s evicts keys under memory pressure (maxmemory-policy "
+                           "%s): queued jobs can be lost; set maxmemory-policy noeviction",
+                           self.display_url, policy)  # fmt: skip
 
     @classmethod
     def from_url(cls, url: str) -> RedisBroker:
@@ -141,24 +173,22 @@ class RedisBroker(Broker):
         return self._link.call(call)
 
     def _connection(self) -> AbstractConnection:
-        pid = os.getpid()
-        own = getattr(self._own, "connection", None)
-        if own is None or own[0] != pid:  # new thread, or a forked child: a fresh connection
-            own = (pid, self._client.connection_pool.get_connection())
-            self._own.connection = own
-        connection: AbstractConnection = own[1]
-        return connection
+        held: _Held | None = getattr(self._own, "held", None)
+        if held is None or held.pid != os.getpid():  # a new thread, or a forked child
+            held = _Held(self._client.connection_pool)
+            self._own.held = held
+        return held.connection
 
     def _drop_connection(self) -> None:
-        """Back to the pool, closed: the pool's next one connects afresh (and through a
+        """Closed and back to the pool: the pool's next one connects afresh (and through a
         Sentinel, asks again where the master is)."""
-        own = getattr(self._own, "connection", None)
-        self._own.connection = None
-        if own is not None and own[0] == os.getpid():
+        held: _Held | None = getattr(self._own, "held", None)
+        self._own.held = None
+        if held is not None and held.pid == os.getpid():
             with contextlib.suppress(Exception):
-                own[1].disconnect()
+                held.connection.disconnect()  # type: ignore[no-untyped-call]
             with contextlib.suppress(Exception):
-                self._client.connection_pool.release(own[1])
+                held.give_back()
 
     def _key(self, *parts: str) -> str:
         return ":".join((self._base, *parts))
@@ -231,7 +261,7 @@ class RedisBroker(Broker):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return
-                if self._pubsub.get_message(timeout=min(remaining, BLOCK_SLICE_S * 5)):
+                if self._pubsub.get_message(timeout=min(remaining, MAX_BLOCK_S)):
                     while self._pubsub.get_message(timeout=0.0):  # one wake-up for the lot
                         pass
                 if self._link.down:

@@ -93,14 +93,18 @@ def parse_url(url: str) -> RedisSettings:
     if parts.scheme == "redis+sentinel":
         factory = _sentinel_factory(url, rest.netloc, rest.path, ours.get("sentinel_password"))
     else:
-        plain = urlunsplit(rest)
+        plain = url.partition("?")[0] + (f"?{rest.query}" if rest.query else "")
         try:  # parse now, so a bad URL fails here rather than at first use
             redis.connection.parse_url(plain)  # type: ignore[no-untyped-call]
         except ValueError as exc:
             raise ConfigError(f"broker URL {masked(url)!r} is not a Redis URL: {exc}") from None
 
+        options = _client_options()
+        if parts.scheme == "unix":
+            del options["socket_keepalive"]  # a TCP option
+
         def factory() -> redis.Redis:
-            return redis.Redis.from_url(plain, **_client_options())
+            return redis.Redis.from_url(plain, **options)
 
     return RedisSettings(url, masked(url), prefix, ttl, reconnect, factory)
 
@@ -145,6 +149,14 @@ def _sentinel_factory(
     return factory
 
 
+def describe(error: BaseException) -> str:
+    """redis-py's message, without the client repr some errors append, on one line."""
+    text = " ".join(str(error).split())
+    if " : <redis." in text:  # "No master found for 'mymaster' : <redis.client.Redis(...)>"
+        text = text.split(" : <redis.", 1)[0]
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def _retryable(error: Exception) -> bool:
     return not isinstance(error, AuthenticationError)
 
@@ -171,10 +183,12 @@ class RedisLink:
         try:
             result = self._retry.call_with_retry(operation, self.lost, _retryable)
         except AuthenticationError as exc:
-            raise BrokerError(f"redis at {self.url} refused the credentials: {exc}") from None
+            raise BrokerError(
+                f"redis at {self.url} refused the credentials: {describe(exc)}"
+            ) from None
         except (ConnectionError, TimeoutError, OSError) as exc:
             raise BrokerError(
-                f"redis at {self.url} is unreachable ({exc}); gave up after "
+                f"redis at {self.url} is unreachable ({describe(exc)}); gave up after "
                 f"{self.reconnect_s:g} s of reconnecting"
             ) from None
         except ResponseError as exc:
@@ -193,7 +207,7 @@ class RedisLink:
             logger.debug("a connection opened before the outage failed (%s); reconnecting", error)
             return
         logger.warning("lost the connection to redis at %s (%s); reconnecting with backoff "
-                       "for up to %g s", self.url, error, self.reconnect_s)  # fmt: skip
+                       "for up to %g s", self.url, describe(error), self.reconnect_s)  # fmt: skip
 
     def restored(self) -> None:
         with self._lock:
@@ -207,7 +221,7 @@ class RedisLink:
         logger.info("reconnected to redis at %s", self.url)
 
     def error(self, exc: ResponseError) -> BrokerError:
-        text = str(exc)
+        text = describe(exc)
         if text.startswith("NOPERM") or "no permissions" in text:
             return BrokerError(f"redis at {self.url} denied an operation to this user: {text}")
         return BrokerError(f"redis at {self.url}: {text}")

@@ -3,6 +3,7 @@ lua/common.lua), and turning stored bytes into records and stats. No connection 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from importlib import resources
 from typing import Any
@@ -59,10 +60,49 @@ def lua_sources(result_ttl_s: float) -> dict[str, str]:
         .replace("__TTL_MS__", str(int((ttl + expiry_margin_s(ttl)) * 1000)))
         .replace("__TTL_LONG_MS__", str(int((4 * ttl + expiry_margin_s(4 * ttl)) * 1000)))
     )
-    return {
-        name: common + "\n" + folder.joinpath(f"{name}.lua").read_text(encoding="utf-8")
-        for name in SCRIPTS
-    }
+    sources = {}
+    for name in SCRIPTS:
+        body = folder.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+        sources[name] = _needed(common, body) + "\n" + body
+    return sources
+
+
+_DEFINITION = re.compile(
+    r"^(?:local\s+function\s+(\w+)|local\s+([\w\s,]+?)\s*=|local\s+(\w+)\s*$|(\w+)\s*=\s*function)"
+)
+_WORD = re.compile(r"[A-Za-z_]\w*")
+
+
+def _needed(common: str, body: str) -> str:
+    """The part of common.lua a script uses: its top-level definitions (each runs on every
+    call, and a closure costs time) that the script reaches, directly or through another."""
+    blocks: list[tuple[set[str], str]] = []  # (names defined, text), in file order
+    for line in common.splitlines(keepends=True):
+        found = _DEFINITION.match(line)
+        if found or not blocks:
+            names = (
+                {n.strip() for n in ",".join(g for g in found.groups() if g).split(",")}
+                if found
+                else set()
+            )
+            blocks.append((names, line))
+        else:
+            blocks[-1] = (blocks[-1][0], blocks[-1][1] + line)
+    wanted = set(_WORD.findall(_strip_comments(body)))
+    keep = [not names for names, _ in blocks]  # the opening comment stays
+    changed = True
+    while changed:
+        changed = False
+        for i, (names, text) in enumerate(blocks):
+            if not keep[i] and names & wanted:
+                keep[i] = True
+                wanted |= set(_WORD.findall(_strip_comments(text)))
+                changed = True
+    return "".join(text for (_, text), kept in zip(blocks, keep, strict=True) if kept)
+
+
+def _strip_comments(lua: str) -> str:
+    return re.sub(r"--[^\n]*", "", lua)
 
 
 # -- envelopes: stored without their leading "id" member (the id is the hash field) ----------
@@ -86,6 +126,9 @@ def enqueue_row(envelope: Envelope, now: float) -> tuple[Any, ...]:
     """One envelope as enqueue.lua reads it: [id, envelope, job, queue, priority, due, meta];
     meta holds only what differs from the defaults, so a plain job's record stays small."""
     meta: dict[str, Any] = {}
+    stored = stored_envelope(envelope)
+    if not stored.startswith(b'{"job":'):  # not our own encoding: Lua could not read it back
+        meta.update(j=envelope.job, q=envelope.queue, p=envelope.priority)
     if envelope.max_retries != DEFAULT_MAX_RETRIES:
         meta["mr"] = envelope.max_retries
     if envelope.expires is not None:
@@ -101,7 +144,7 @@ def enqueue_row(envelope: Envelope, now: float) -> tuple[Any, ...]:
     due = envelope.eta if envelope.eta is not None and envelope.eta > now else None
     return (
         envelope.id,
-        stored_envelope(envelope).decode(),  # Lua's cmsgpack reads str, not bin
+        stored.decode(errors="replace"),  # Lua's cmsgpack reads str, not bin
         envelope.job,
         envelope.queue,
         str(envelope.priority),

@@ -16,7 +16,7 @@ for _, outcome in ipairs(cmsgpack.unpack(ARGV[3])) do
     finish(id, r, 'succeeded', now, false)
     out[#out + 1] = 1
   else
-    local done = r == nil and load(id)
+    local done = not r and load(id)
     if done and done.ak == call and done.ai == ai then out[#out + 1] = 1 else out[#out + 1] = 0 end
   end
 end

@@ -17,7 +17,7 @@ if r.st == 'running' then
   save_live(id, r)
   return 1
 end
-if not fresh then detach(id, r) end
+if fresh then unlist_fresh(id, r) else detach(id, r) end
 r.rs = reason
 finish(id, r, 'cancelled', now, fresh)
 flush()

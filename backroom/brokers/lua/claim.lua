@@ -61,7 +61,47 @@ local function refill(h)
   end
 end
 
+-- One slot at this priority (the usual case): take its oldest jobs in bulk, no merging.
+local function claim_slot(queue, member)
+  local colon = string.find(member, ':', 1, true)
+  local key, prio, job
+  if colon then
+    key = k_fresh(queue, member)
+    prio, job = tonumber(string.sub(member, 1, colon - 1)), string.sub(member, colon + 1)
+  else
+    key = k_again(queue, member)
+  end
+  while n < limit do
+    local want, ids = limit - n, nil
+    if colon then
+      ids = redis.call('LPOP', key, want)
+    else
+      local popped = redis.call('ZPOPMIN', key, want)  -- id, score, id, score ...
+      ids = {}
+      for i = 1, #popped, 2 do ids[#ids + 1] = popped[i] end
+    end
+    if not ids or #ids == 0 then
+      redis.call('ZREM', k_slots(queue), member)
+      return
+    end
+    local raws = redis.call('HMGET', J, unpack(ids))
+    for i, id in ipairs(ids) do
+      local rec = raws[i] and cmsgpack.unpack(raws[i])
+      if rec and colon and is_fresh(rec) then
+        start(id, expand(rec, job, queue, prio), true)
+      elseif rec and not colon and not is_fresh(rec) and rec.st == 'queued' then
+        start(id, rec, false)
+      end  -- else a stale entry: cancelled or moved since it was listed
+    end
+    if #ids < want then
+      redis.call('ZREM', k_slots(queue), member)
+      return
+    end
+  end
+end
+
 local function claim_group(queue, members)
+  if #members == 1 then return claim_slot(queue, members[1]) end
   local heads = {}
   for _, member in ipairs(members) do
     local colon = string.find(member, ':', 1, true)

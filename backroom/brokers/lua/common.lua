@@ -40,7 +40,6 @@ local BOUNDS = nil  -- base.BUCKET_BOUNDS, built on first use
 local DEFAULT_RETRIES = __DEFAULT_RETRIES__
 local TTL = {succeeded = __TTL_MS__, cancelled = __TTL_MS__, dead = __TTL_LONG_MS__,
              rejected = __TTL_LONG_MS__}
-local FINAL = {succeeded = true, dead = true, cancelled = true, rejected = true}
 
 local function num(x) return string.format('%.17g', x) end
 local function esc(queue)
@@ -73,8 +72,13 @@ local function expand(rec, job, queue, prio)
   return r
 end
 
--- A fresh record found by id alone: job, queue and priority are read from the envelope.
+-- A fresh record found by id alone: job, queue and priority are read from the envelope (or
+-- its meta, where enqueue put them for an envelope encoded some other way).
 local function expand_by_json(rec)
+  local meta = rec[4]
+  if type(meta) == 'table' and type(meta.j) == 'string' then
+    return expand(rec, meta.j, meta.q, meta.p)
+  end
   local ok, env = pcall(cjson.decode, rec[2])
   if not ok or type(env) ~= 'table' or type(env.job) ~= 'string' then return nil end
   local queue = env.queue
@@ -113,7 +117,34 @@ local function sample(job, kind, s)  -- kind: 'w' (wait) or 'r' (run)
   if (hmaxes[f .. 'm'] or -1) < us then hmaxes[f .. 'm'] = us end
 end
 
+-- Index writes, gathered per key and sent by flush() as one command per key: a batch of jobs
+-- costs one ZADD per index, not one per job. A job changes state at most once per call, so
+-- removals (sent first) and additions never compete for one member. What a script reads back
+-- while it runs (the ready lists and zsets it claims from) it writes directly instead.
+local zadds, zrems, rpushes = {}, {}, {}
+local function gather(t, key, a, b)
+  local list = t[key]
+  if list == nil then
+    list = {}
+    t[key] = list
+  end
+  list[#list + 1] = a
+  if b ~= nil then list[#list + 1] = b end
+end
+local function zadd(key, score, member) gather(zadds, key, score, member) end
+local function zrem(key, member) gather(zrems, key, member) end
+local function rpush(key, member) gather(rpushes, key, member) end
+
+local function send(command, key, args, step)
+  for i = 1, #args, step do
+    redis.call(command, key, unpack(args, i, math.min(i + step - 1, #args)))
+  end
+end
+
 local function flush()
+  for key, members in pairs(zrems) do send('ZREM', key, members, 1000) end
+  for key, pairs_ in pairs(zadds) do send('ZADD', key, pairs_, 1000) end
+  for key, members in pairs(rpushes) do send('RPUSH', key, members, 1000) end
   local c, h = P .. ':c', P .. ':h'
   for f, n in pairs(counts) do
     if n ~= 0 then redis.call('HINCRBY', c, f, n) end
@@ -149,21 +180,21 @@ end
 -- any, stays: a waiting job keeps it until it starts running or finishes.)
 local function detach(id, r)
   local st = r.st
-  if st == 'running' then redis.call('ZREM', P .. ':lease', id)
-  elseif st == 'scheduled' or st == 'retrying' then redis.call('ZREM', P .. ':due', id)
+  if st == 'running' then zrem(P .. ':lease', id)
+  elseif st == 'scheduled' or st == 'retrying' then zrem(P .. ':due', id)
   elseif st == 'queued' then redis.call('ZREM', k_again(r.q, prio_text(r.p)), id) end
 end
 
 -- Put a live job where its new state keeps it.
 local function attach(id, r)
   local st = r.st
-  if st ~= 'running' and type(r.x) == 'number' then redis.call('ZADD', P .. ':x', num(r.x), id) end
-  if st == 'running' then redis.call('ZADD', P .. ':lease', num(r.lu), id)
-  elseif st == 'scheduled' or st == 'retrying' then redis.call('ZADD', P .. ':due', num(r.du), id)
+  if st ~= 'running' and type(r.x) == 'number' then zadd(P .. ':x', num(r.x), id) end
+  if st == 'running' then zadd(P .. ':lease', num(r.lu), id)
+  elseif st == 'scheduled' or st == 'retrying' then zadd(P .. ':due', num(r.du), id)
   elseif st == 'queued' then
     local prio = prio_text(r.p)
-    redis.call('ZADD', k_again(r.q, prio), r.sq, id)
-    redis.call('ZADD', k_slots(r.q), -r.p, prio)
+    zadd(k_again(r.q, prio), r.sq, id)
+    zadd(k_slots(r.q), -r.p, prio)
     wake(r.q)
   end
 end
@@ -171,17 +202,19 @@ end
 -- Move a job from state `old` to r.st in the indexes; `fresh` when it was in a P:l list.
 local function reindex(id, r, old, fresh)
   if fresh then
-    redis.call('ZADD', P .. ':n:' .. r.j, r.sq, id)
+    zadd(P .. ':n:' .. r.j, r.sq, id)
   else
-    redis.call('ZREM', P .. ':s:' .. old, id)
+    zrem(P .. ':s:' .. old, id)
   end
-  redis.call('ZADD', P .. ':s:' .. r.st, r.sq, id)
+  zadd(P .. ':s:' .. r.st, r.sq, id)
   count(r, old, -1)
   count(r, r.st, 1)
 end
 
+local waiters = nil  -- how many wait_finished calls are registered (read once per call)
 local function notify(id)
-  if redis.call('ZSCORE', P .. ':wait', id) then
+  if waiters == nil then waiters = redis.call('ZCARD', P .. ':wait') end
+  if waiters > 0 and redis.call('ZSCORE', P .. ':wait', id) then
     local key = P .. ':done:' .. id
     redis.call('RPUSH', key, '1')
     redis.call('PEXPIRE', key, 10000)
@@ -196,12 +229,20 @@ local function finish(id, r, st, now, fresh)
   r.lu = nil
   r.du = nil
   reindex(id, r, old, fresh)
-  if type(r.x) == 'number' then redis.call('ZREM', P .. ':x', id) end
-  redis.call('RPUSH', P .. ':f:' .. st, id)
+  if type(r.x) == 'number' then zrem(P .. ':x', id) end
+  rpush(P .. ':f:' .. st, id)
   free_unique(id, r, 'finish')
   redis.call('HDEL', J, id)
   redis.call('SET', k_final(id), cmsgpack.pack(r), 'PX', TTL[st])
   notify(id)
+end
+
+-- A fresh job that ends where it stands (cancelled, expired) leaves a stale entry in its list;
+-- popped here when it is the head, so that a list whose head is stale stays rare (enqueue wakes
+-- workers only for a list that was empty).
+local function unlist_fresh(id, r)
+  local key = k_fresh(r.q, prio_text(r.p) .. ':' .. r.j)
+  if redis.call('LINDEX', key, 0) == id then redis.call('LPOP', key) end
 end
 
 -- A running record still owned by the claim with attempt id `ai`.
@@ -234,9 +275,9 @@ end
 -- caller, or left for the sweep to drop when it reaches the head).
 forget = function(id, r)
   redis.call('DEL', k_final(id))
-  redis.call('ZREM', P .. ':s:' .. r.st, id)
-  redis.call('ZREM', P .. ':n:' .. r.j, id)
+  zrem(P .. ':s:' .. r.st, id)
+  zrem(P .. ':n:' .. r.j, id)
   if type(r.tg) == 'table' then
-    for _, tag in ipairs(r.tg) do redis.call('ZREM', P .. ':t:' .. tag, id) end
+    for _, tag in ipairs(r.tg) do zrem(P .. ':t:' .. tag, id) end
   end
 end

@@ -10,4 +10,5 @@ for i = 1, #ARGV do
     deleted = deleted + 1
   end
 end
+flush()
 return deleted

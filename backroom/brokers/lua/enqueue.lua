@@ -1,9 +1,9 @@
 -- enqueue.lua: store a batch of envelopes, all or none.
 -- KEYS[1] P:j. ARGV[1] msgpack array of rows [id, envelope, job, queue, priority (text),
--- due (nil unless scheduled), meta (nil or map: mr x uk uf tg ca)], ARGV[2] now.
+-- due (nil unless scheduled), meta (nil or map: mr x uk uf tg ca, and j q p when the envelope
+-- is not backroom's own JSON)], ARGV[2] now.
 -- Writes P:seq, P:j, P:l:*, P:Q:*, P:queues, P:due, P:x, P:s:scheduled, P:n:*, P:t:*, P:u:*,
--- P:uu, P:c;
--- publishes on P:w:<queue> when a queue had no claimable fresh job before.
+-- P:uu, P:c; publishes on P:w:<queue> when a ready list of the queue was empty before.
 -- Returns a flat list [index, existing id, ...] for rows whose unique key is held (0-based).
 local rows = cmsgpack.unpack(ARGV[1])
 local now = tonumber(ARGV[2])
@@ -70,7 +70,7 @@ for _, row in ipairs(take) do
     redis.call('SET', key, id .. '\0' .. untils)
     if untils ~= '' then
       redis.call('PEXPIRE', key, math.floor(meta.uf * 1000) + 3600000)  -- a backstop only
-      redis.call('ZADD', P .. ':uu', untils, meta.uk)
+      zadd(P .. ':uu', untils, meta.uk)
     end
   end
   if due then
@@ -78,9 +78,9 @@ for _, row in ipairs(take) do
                a = 0, du = due}
     if meta then for k, v in pairs(meta) do r[k] = v end end
     save_live(id, r)
-    redis.call('ZADD', P .. ':due', num(due), id)
-    redis.call('ZADD', P .. ':s:scheduled', seq, id)
-    redis.call('ZADD', P .. ':n:' .. job, seq, id)
+    zadd(P .. ':due', num(due), id)
+    zadd(P .. ':s:scheduled', seq, id)
+    zadd(P .. ':n:' .. job, seq, id)
     count(r, 'scheduled', 1)
   else
     local rec
@@ -97,27 +97,24 @@ for _, row in ipairs(take) do
     ids[#ids + 1] = id
     add(counts, job .. '\0' .. queue .. '\0queued', 1)
   end
-  if meta and type(meta.x) == 'number' then redis.call('ZADD', P .. ':x', num(meta.x), id) end
+  if meta and type(meta.x) == 'number' then zadd(P .. ':x', num(meta.x), id) end
   if meta and type(meta.tg) == 'table' then
-    for _, tag in ipairs(meta.tg) do redis.call('ZADD', P .. ':t:' .. tag, seq, id) end
+    for _, tag in ipairs(meta.tg) do zadd(P .. ':t:' .. tag, seq, id) end
   end
 end
 
 for _, entry in ipairs(list_order) do
   local key, queue, prio, member = entry[1], entry[2], entry[3], entry[4]
-  -- Wake workers unless the list already starts with a claimable job: then they know of
-  -- work here, and waking every worker on every enqueue would only make them spin.
-  if redis.call('ZADD', k_slots(queue), -tonumber(prio), member) == 1 then
-    wake(queue)
-    redis.call('SADD', P .. ':queues', queue)
-  else
-    local head = redis.call('LINDEX', key, 0)
-    local raw = head and redis.call('HGET', J, head)
-    if not (raw and is_fresh(cmsgpack.unpack(raw))) then wake(queue) end
-  end
-  local ids = lists[key]
+  local ids, length = lists[key], 0
   for i = 1, #ids, 1000 do
-    redis.call('RPUSH', key, unpack(ids, i, math.min(i + 999, #ids)))
+    length = redis.call('RPUSH', key, unpack(ids, i, math.min(i + 999, #ids)))
+  end
+  -- A list that was empty: register it, and wake the workers. One that was not has workers
+  -- on it already (waking them all on every enqueue would only make them spin).
+  if length == #ids then
+    redis.call('ZADD', k_slots(queue), -tonumber(prio), member)
+    redis.call('SADD', P .. ':queues', queue)
+    wake(queue)
   end
 end
 flush()

@@ -6,7 +6,7 @@ local now, call, id, ai = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
 local raw = redis.call('HGET', J, id)
 local r = raw and cmsgpack.unpack(raw)
 if not (r and not is_fresh(r) and owned(r, ai)) then
-  local done = r == nil and load(id)
+  local done = not r and load(id)
   if done and done.ak == call and done.ai == ai then return 1 end
   return 0
 end

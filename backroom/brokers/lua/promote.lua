@@ -13,7 +13,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', P .. ':x', '-inf', ARGV[1], 'LIM
   local fresh = r and is_fresh(r)
   if fresh then r = expand_by_json(r) end
   if r and r.st ~= 'running' then
-    if not fresh then detach(id, r) end
+    if fresh then unlist_fresh(id, r) else detach(id, r) end
     r.rs = 'expired'
     finish(id, r, 'cancelled', now, fresh)
   end

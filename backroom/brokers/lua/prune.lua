@@ -7,4 +7,5 @@ for i = 3, #ARGV do
   if deleted >= limit then break end
   deleted = deleted + forget_finished(ARGV[i], before, limit - deleted)
 end
+flush()
 return deleted
