@@ -1,11 +1,13 @@
 """What only the Redis broker promises: apps isolated by key prefix, finished records that
 expire, a compact queued job, no keyspace scans, blocking waits, surviving a redis-server
-restart, Sentinel and TLS with an ACL user. Real redis-server processes on loopback, each test
-starting its own where it needs to stop one or configure it."""
+restart, Sentinel failover, TLS with an ACL user, unix sockets, calls repeated after a lost
+reply, and the same answers as the SQLite broker under random work. Real redis-server
+processes on loopback: the session's, or the test's own where it stops or configures one."""
 
 from __future__ import annotations
 
 import logging
+import random
 import shutil
 import subprocess
 import threading
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from backroom.brokers import JobQuery, connect
+from backroom.brokers import Claim, JobQuery, connect
 from backroom.brokers.redis import RedisBroker
 from backroom.envelope import Envelope, State, new_id
 from backroom.errors import BrokerError, ConfigError
@@ -76,7 +78,7 @@ class RedisProcess:
 
 
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[list[RedisProcess]]:
+def own_redis() -> Iterator[list[RedisProcess]]:
     """Processes the test starts; all stopped at the end."""
     started: list[RedisProcess] = []
     yield started
@@ -446,3 +448,137 @@ def test_a_plain_client_cannot_talk_to_the_tls_port(
     server.start()
     with pytest.raises(BrokerError):
         connect(f"rediss://127.0.0.1:{tls_port}/0")  # no CA given: the certificate is unknown
+
+
+# -- the same answers as the reference broker ----------------------------------------------------
+
+
+def test_claims_listings_and_counts_agree_with_the_sqlite_broker_step_by_step(
+    redis_server: str, tmp_path: Path
+) -> None:
+    """Random work (enqueue with priorities, delays, tags and expiries; claims, outcomes,
+    cancels, releases, retries, sweeps, pauses) applied to both brokers: every claim takes the
+    same jobs in the same order, and every listing and count reads the same."""
+    rng = random.Random(20330518)
+    with (
+        closing(connect(f"sqlite:///{tmp_path / 'reference.db'}")) as reference,
+        closing(connect(redis_server + "?prefix=twin")) as twin,
+    ):
+        twin.purge()
+        brokers = (reference, twin)
+        running: dict[str, list[Claim]] = {}  # job id -> its claim on each broker
+        ids: list[str] = []
+        queries = [JobQuery(limit=7), JobQuery(state=State.QUEUED, limit=5),
+                   JobQuery(job="send_email", limit=4), JobQuery(tag="edge-1", limit=6),
+                   JobQuery(state=State.SUCCEEDED, job="resize_video", limit=3),
+                   JobQuery(state=State.RUNNING, limit=50)]  # fmt: skip
+        now = T
+        for step in range(400):
+            now += rng.choice([0.0, 0.5, 3.0])
+            action = rng.random()
+            if action < 0.35:
+                batch = [
+                    envelope_for(
+                        rng.choice(["resize_video", "send_email"]),
+                        queue=rng.choice(["default", "media"]),
+                        priority=rng.choice([0, 0, 0, 5, -1]),
+                        tags=tuple(rng.sample(["edge-1", "edge-2"], rng.randint(0, 2))),
+                        eta=now + 5 if rng.random() < 0.15 else None,
+                        expires=now + 8 if rng.random() < 0.1 else None,
+                    )
+                    for _ in range(rng.randint(1, 4))
+                ]
+                results = [b.enqueue(batch, now=now) for b in brokers]
+                assert results[0] == results[1]
+                ids += results[0]
+            elif action < 0.55:
+                queues = rng.choice([["default"], ["media", "default"], ["media"]])
+                limit = rng.randint(1, 5)
+                claims = [b.claim(queues, "w1", 10, limit, now=now) for b in brokers]
+                assert [c.id for c in claims[0]] == [c.id for c in claims[1]], step
+                for same in zip(*claims, strict=True):
+                    running[same[0].id] = list(same)
+            elif action < 0.75 and running:
+                job_id = rng.choice(sorted(running))
+                pair = running.pop(job_id)
+                outcome = rng.random()
+                for broker, claim in zip(brokers, pair, strict=True):
+                    if outcome < 0.5:
+                        broker.ack([(claim, {"n": step})], now=now)
+                    elif outcome < 0.7:
+                        broker.nack(claim, FAILURE, retry_at=now + 4, now=now)
+                    elif outcome < 0.8:
+                        broker.nack(claim, FAILURE, retry_at=None, now=now)
+                    elif outcome < 0.9:
+                        broker.release([claim], now=now)
+                    else:
+                        broker.reject(claim, "bad signature", now=now)
+            elif action < 0.82 and ids:
+                job_id = rng.choice(ids)
+                assert len({b.cancel(job_id, now=now) for b in brokers}) == 1
+            elif action < 0.87 and ids:
+                job_id = rng.choice(ids)
+                assert len({b.retry(job_id, now=now) for b in brokers}) == 1
+            elif action < 0.93:
+                moved = [b.promote_due(now=now) for b in brokers]
+                assert moved[0] == moved[1]
+                swept = [sorted(b.sweep_expired(now=now)) for b in brokers]
+                assert swept[0] == swept[1]
+                for job_id in swept[0]:
+                    running.pop(job_id, None)
+            elif action < 0.96:
+                queue, pause = rng.choice(["media", "default"]), rng.random() < 0.5
+                for broker in brokers:
+                    (broker.pause if pause else broker.resume)(queue)
+            for query in queries:
+                pages = [[r.id for r in b.jobs(query)] for b in brokers]
+                assert pages[0] == pages[1], (step, query)
+            if ids and step % 10 == 0:
+                cursor = JobQuery(limit=5, before=rng.choice(ids))
+                pages = [[r.id for r in b.jobs(cursor)] for b in brokers]
+                assert pages[0] == pages[1], (step, cursor)
+                records = [b.get_many(ids) for b in brokers]
+                states = [[None if r is None else (r.state, r.attempts) for r in rs]
+                          for rs in records]  # fmt: skip
+                assert states[0] == states[1], step
+        stats = [b.stats() for b in brokers]
+        assert {j: dict(s.counts) for j, s in stats[0].jobs.items()} == {
+            j: dict(s.counts) for j, s in stats[1].jobs.items()
+        }
+        assert dict(stats[0].queues) == dict(stats[1].queues)
+        twin.purge()
+
+
+# -- other ways in, and calls repeated after a lost reply ----------------------------------------
+
+
+def test_a_unix_socket_url_reaches_redis(tmp_path: Path, own_redis: list[RedisProcess]) -> None:
+    socket_path = tmp_path / "redis.sock"
+    server = RedisProcess(tmp_path / "redis", "--unixsocket", str(socket_path))
+    own_redis.append(server)
+    server.start()
+    with closing(connect(f"unix://{socket_path}?db=0&prefix=local")) as broker:
+        [job_id] = broker.enqueue([envelope_for("resize_video")], now=T)
+        assert [c.id for c in broker.claim(["default"], "w1", 30, limit=5, now=T)] == [job_id]
+    assert server.client().hexists("{local}:j", job_id)
+
+
+def test_an_enqueue_or_ack_repeated_after_a_lost_reply_counts_once(
+    redis_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reconnect policy repeats a call whose reply was lost; the first may have run."""
+    with closing(connect(redis_server + "?prefix=again")) as broker:
+        broker.purge()
+        envelope = envelope_for("resize_video")
+        assert broker.enqueue([envelope], now=T) == [envelope.id]
+        assert broker.enqueue([envelope], now=T) == [envelope.id]  # the very same envelope
+        with pytest.raises(BrokerError, match="already stored"):
+            broker.enqueue([envelope_for("send_email", id=envelope.id)], now=T)
+        [claim] = broker.claim(["default"], "w1", 30, limit=5, now=T)
+        monkeypatch.setattr("backroom.brokers.redis._call_id", lambda: "one-call")
+        assert broker.ack([(claim, "done")], now=T + 1) == [True]
+        assert broker.ack([(claim, "done")], now=T + 1) == [True]  # the same call, repeated
+        monkeypatch.setattr("backroom.brokers.redis._call_id", lambda: "another-call")
+        assert broker.ack([(claim, "done")], now=T + 2) == [False]  # a second call is refused
+        assert broker.stats().jobs["resize_video"].counts == {"succeeded": 1}
+        broker.purge()
