@@ -1,0 +1,66 @@
+"""arq: one worker process, max_jobs 10 (its default), poll_delay 10 ms (its default is 0.5 s,
+which caps drain near 0.2k/s; BENCH_ARQ_POLL overrides). Batch path: asyncio.gather over
+`enqueue_job`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import arq
+from arq.connections import RedisSettings
+from common import REDIS_URL, latency_body, main, noop_body
+
+POLL = float(os.environ.get("BENCH_ARQ_POLL", "0.01"))
+pool: Any = None
+
+
+async def incr(ctx: Any) -> None:
+    noop_body()
+
+
+async def lat(ctx: Any, sent: float) -> None:
+    latency_body(sent)
+
+
+class WorkerSettings:
+    functions = [incr, lat]
+    redis_settings = RedisSettings.from_dsn(REDIS_URL)
+    poll_delay = POLL
+    keep_result = 0  # peers store no result for a job that returns None
+
+
+async def _setup() -> None:
+    global pool
+    pool = await arq.create_pool(RedisSettings.from_dsn(REDIS_URL))
+
+
+async def _teardown() -> None:
+    await pool.aclose()
+
+
+async def _batch(size: int) -> None:
+    await asyncio.gather(*(pool.enqueue_job("incr") for _ in range(size)))
+
+
+def _worker() -> None:
+    arq.run_worker(WorkerSettings)  # type: ignore[arg-type]
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("arq")
+
+
+def cli() -> None:
+    main(
+        version=_version,
+        setup=_setup,
+        teardown=_teardown,
+        enqueue_one=lambda _i: pool.enqueue_job("incr"),
+        enqueue_batch=_batch,
+        send_latency=lambda sent: pool.enqueue_job("lat", sent),
+        run_worker=_worker,
+    )

@@ -1,0 +1,121 @@
+"""What every driver shares: the job bodies (one Redis INCR; the latency probe), the timed
+enqueue loops and the command line that bench/run.py calls. Standard library plus redis-py
+only, since it runs inside each peer's own virtual environment.
+
+A driver module defines a few functions (see `main`); `python drivers/X.py COMMAND ...` then
+prints one JSON line on stdout, or, for `worker`, runs the library's worker until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+SQLITE_DIR = os.environ.get("BENCH_SQLITE_DIR", "/tmp")
+COUNTER = "bench:count"  # INCR'd by every no-op job
+LATENCIES = "bench:lat"  # the latency probe pushes (job start - enqueue) in seconds
+
+_client: redis.Redis | None = None
+
+
+def client() -> redis.Redis:
+    global _client
+    if _client is None:
+        _client = redis.Redis.from_url(REDIS_URL)
+    return _client
+
+
+def noop_body() -> None:
+    """The job body of the drain and enqueue scenarios: one Redis INCR."""
+    client().incr(COUNTER)
+
+
+def latency_body(sent: float) -> None:
+    """The latency probe: its first line reads the clock (CLOCK_MONOTONIC is system-wide on
+    Linux, so the producer's and the worker's readings compare)."""
+    started = time.monotonic()
+    client().rpush(LATENCIES, started - sent)
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+async def _timed(call: Callable[[int], Any], per_call: int, n: int, cap_s: float) -> dict[str, Any]:
+    """Call `call(i)` (each call enqueues `per_call` jobs) until n jobs or cap_s seconds."""
+    await _maybe_await(call(0))  # warm-up: connect, load scripts; enqueued but not timed
+    warm = per_call
+    done = 0
+    start = time.perf_counter()
+    deadline = start + cap_s
+    i = 1
+    while done < n:
+        await _maybe_await(call(i))
+        done += per_call
+        i += 1
+        if time.perf_counter() > deadline:
+            break
+    elapsed = time.perf_counter() - start
+    return {"jobs": done, "seconds": elapsed, "queued": done + warm}
+
+
+def main(
+    *,
+    version: Callable[[], str],
+    enqueue_one: Callable[[int], Any],
+    enqueue_batch: Callable[[int], Any] | None,
+    send_latency: Callable[[float], Any],
+    run_worker: Callable[[], Any],
+    setup: Callable[[], Any] | None = None,
+    teardown: Callable[[], Any] | None = None,
+    queued_bytes: Callable[[], int] | None = None,
+) -> None:
+    """Commands: version | enqueue N CAP | batch N CAP SIZE | latency K GAP | worker | size.
+
+    `enqueue_batch(size)` enqueues `size` jobs through the library's batch path; `queued_bytes`
+    is for file-backed stores (bytes used on disk); Redis memory is read by the runner."""
+    command, *args = sys.argv[1:]
+
+    async def go() -> Any:
+        if setup is not None:
+            await _maybe_await(setup())
+        try:
+            if command == "enqueue":
+                n, cap = int(args[0]), float(args[1])
+                return await _timed(enqueue_one, 1, n, cap)
+            if command == "batch":
+                if enqueue_batch is None:
+                    return None
+                n, cap, size = int(args[0]), float(args[1]), int(args[2])
+                return await _timed(lambda _i: enqueue_batch(size), size, n, cap)
+            if command == "latency":
+                count, gap = int(args[0]), float(args[1])
+                next_at = time.monotonic()
+                for _ in range(count):
+                    while (pause := next_at - time.monotonic()) > 0:
+                        await asyncio.sleep(pause)
+                    await _maybe_await(send_latency(time.monotonic()))
+                    next_at += gap
+                return {"sent": count}
+            if command == "size":
+                return {"bytes": queued_bytes() if queued_bytes else None}
+            raise SystemExit(f"unknown command {command!r}")
+        finally:
+            if teardown is not None:
+                await _maybe_await(teardown())
+
+    if command == "version":
+        print(json.dumps({"version": version()}))
+        return
+    if command == "worker":
+        run_worker()
+        return
+    print(json.dumps(asyncio.run(go())), flush=True)

@@ -1,0 +1,40 @@
+"""dramatiq with its RedisBroker: one worker process (`dramatiq --processes 1`) with 8 threads
+(its default). No batch enqueue path (a group sends one message per call)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import dramatiq
+from common import REDIS_URL, latency_body, main, noop_body
+from dramatiq.brokers.redis import RedisBroker
+
+THREADS = os.environ.get("BENCH_DRAMATIQ_THREADS", "8")
+broker = RedisBroker(url=REDIS_URL)
+dramatiq.set_broker(broker)
+
+
+@dramatiq.actor(max_retries=0)
+def incr() -> None:
+    noop_body()
+
+
+@dramatiq.actor(max_retries=0)
+def lat(sent: float) -> None:
+    latency_body(sent)
+
+
+def _worker() -> None:
+    os.execv(sys.executable, [sys.executable, "-m", "dramatiq", "dq", "--processes", "1",
+                              "--threads", THREADS])  # fmt: skip
+
+
+def cli() -> None:
+    main(
+        version=lambda: dramatiq.__version__,
+        enqueue_one=lambda _i: incr.send(),
+        enqueue_batch=None,
+        send_latency=lambda sent: lat.send(sent),
+        run_worker=_worker,
+    )

@@ -1,0 +1,55 @@
+"""rq: one SimpleWorker (runs jobs in its own process; the default Worker forks per job).
+Batch path: `Queue.enqueue_many` (one pipeline). BENCH_RQ_WORKER=fork uses the forking Worker."""
+
+from __future__ import annotations
+
+import os
+
+import rq
+from common import REDIS_URL, client, latency_body, main, noop_body
+
+KIND = os.environ.get("BENCH_RQ_WORKER", "simple")
+
+
+def incr() -> None:
+    noop_body()
+
+
+def lat(sent: float) -> None:
+    latency_body(sent)
+
+
+def _queue() -> rq.Queue:
+    return rq.Queue("default", connection=client())
+
+
+_q: rq.Queue | None = None
+
+
+def _setup() -> None:
+    global _q
+    _q = _queue()
+
+
+def _batch(size: int) -> None:
+    assert _q is not None
+    _q.enqueue_many([rq.Queue.prepare_data(incr) for _ in range(size)])
+
+
+def _worker() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    cls = rq.SimpleWorker if KIND == "simple" else rq.Worker
+    cls([_queue()], connection=client()).work(logging_level="WARNING")
+
+
+def cli() -> None:
+    main(
+        version=lambda: rq.__version__,
+        setup=_setup,
+        enqueue_one=lambda _i: _q.enqueue(incr),  # type: ignore[union-attr]
+        enqueue_batch=_batch,
+        send_latency=lambda sent: _q.enqueue(lat, sent),  # type: ignore[union-attr]
+        run_worker=_worker,
+    )

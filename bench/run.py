@@ -1,0 +1,622 @@
+"""Side-by-side benchmark: backroom (Redis and SQLite) against huey, dramatiq, rq, saq, arq,
+taskiq and celery, on one private redis-server this script starts on a free loopback port.
+
+    bash bench/setup.sh                     # once: peers' virtualenvs under bench/.venvs/
+    python bench/run.py                     # full run (~10 min), writes bench/results.md
+    python bench/run.py --quick             # smaller sizes, 1 repetition (~1-2 min)
+    python bench/run.py --libs backroom-redis,huey-redis --reps 5
+    python bench/run.py --libs backroom-sqlite,backroom-sqlite@/tmp/proto   # A/B a prototype
+
+Each repetition runs every library once, in a rotated order (interleaved, so a burst of load
+from elsewhere hits several libraries rather than all runs of one); the table shows medians
+and the min-max spread. One session per library and repetition, on an emptied Redis:
+
+  1. enqueue, one call per job: up to N jobs or CAP seconds; Redis `used_memory` delta (or the
+     SQLite file's size) over those queued jobs gives bytes per queued job;
+  2. batch enqueue through the library's batch path, in batches of 1,000;
+  3. drain: start one worker process on that backlog; "drain" is the steady rate from the first
+     finished job to the last (or to the cap), "wall" counts from the worker's start;
+     the worker's RSS is sampled meanwhile (the largest process of its tree);
+  4. start latency: a fresh idle worker, K jobs sent 20 ms apart, each records
+     (its first line's clock - the clock just before enqueue); p50/p99 in ms.
+The job body is one Redis INCR (the probe: one RPUSH). Runs in the project's environment;
+peers run in theirs, via bench/drivers/drive.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+BENCH = Path(__file__).resolve().parent
+DRIVERS = BENCH / "drivers"
+VENVS = BENCH / ".venvs"
+COUNTER = "bench:count"
+LATENCIES = "bench:lat"
+
+
+@dataclass(frozen=True)
+class Lib:
+    name: str  # column label
+    label: str  # how the table names it
+    module: str  # drivers/<module>.py
+    env: str | None  # virtualenv under bench/.venvs, None: this interpreter
+    store: str = "redis"  # where its jobs wait: "redis" or "sqlite"
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def python(self) -> str:
+        return sys.executable if self.env is None else str(VENVS / self.env / "bin" / "python")
+
+
+# fmt: off
+LIBS = {
+    lib.name: lib
+    for lib in [
+        Lib("backroom-redis", "backroom, Redis", "br", None, extra_env={"BENCH_BACKROOM": "redis"}),
+        Lib("backroom-sqlite", "backroom, SQLite", "br", None, "sqlite",
+            {"BENCH_BACKROOM": "sqlite"}),
+        Lib("huey-redis", "huey, Redis", "hu", "peers", extra_env={"BENCH_HUEY": "redis"}),
+        Lib("huey-sqlite", "huey, SQLite", "hu", "peers", "sqlite", {"BENCH_HUEY": "sqlite"}),
+        Lib("dramatiq", "dramatiq (8 threads)", "dq", "peers"),
+        Lib("rq", "rq (SimpleWorker)", "rqd", "peers"),
+        Lib("saq", "saq", "sq", "peers"),
+        Lib("arq", "arq (10 ms poll)", "aq", "arq"),
+        Lib("taskiq", "taskiq + taskiq-redis", "tq", "taskiq"),
+        Lib("celery", "celery (solo)", "ce", "peers"),
+        # not in the default set: variants for a closer look
+        Lib("backroom-redis-async", "backroom, Redis, async jobs", "br", None,
+            extra_env={"BENCH_BACKROOM": "redis", "BENCH_BACKROOM_ASYNC": "1"}),
+        Lib("backroom-sqlite-async", "backroom, SQLite, async jobs", "br", None, "sqlite",
+            {"BENCH_BACKROOM": "sqlite", "BENCH_BACKROOM_ASYNC": "1"}),
+    ]
+}
+# fmt: on
+DEFAULT_LIBS = [
+    "backroom-redis",
+    "backroom-sqlite",
+    "huey-redis",
+    "huey-sqlite",
+    "dramatiq",
+    "rq",
+    "saq",
+    "arq",
+    "taskiq",
+    "celery",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Sizes:
+    reps: int
+    enqueue_n: int
+    enqueue_cap_s: float
+    batch_n: int
+    batch_cap_s: float
+    batch_size: int
+    drain_cap_s: float
+    latency_jobs: int
+    latency_gap_s: float = 0.020
+
+
+FULL = Sizes(reps=3, enqueue_n=20_000, enqueue_cap_s=3.0, batch_n=20_000, batch_cap_s=2.0,
+             batch_size=1000, drain_cap_s=5.0, latency_jobs=200)  # fmt: skip
+QUICK = Sizes(reps=1, enqueue_n=3_000, enqueue_cap_s=1.0, batch_n=3_000, batch_cap_s=0.7,
+              batch_size=1000, drain_cap_s=1.5, latency_jobs=50)  # fmt: skip
+# the test suite's size: only checks that every scenario still runs
+SMOKE = Sizes(reps=1, enqueue_n=200, enqueue_cap_s=0.5, batch_n=200, batch_cap_s=0.5,
+              batch_size=100, drain_cap_s=0.5, latency_jobs=5)  # fmt: skip
+
+# -- the private redis-server -------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        sys.exit(
+            "bench: redis-server not found; run `bash bench/setup.sh` "
+            "(it runs apt-get install redis-server)"
+        )
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="bench-redis-") as folder:
+        proc = subprocess.Popen(
+            [exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+             "--dir", folder, "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        url = f"redis://127.0.0.1:{port}/0"
+        try:
+            client = redis.Redis.from_url(url)
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+def driver_env(lib: Lib, redis_url: str, sqlite_dir: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(lib.extra_env)
+    env["BENCH_REDIS_URL"] = redis_url
+    env["BENCH_SQLITE_DIR"] = sqlite_dir
+    env["PYTHONPATH"] = str(DRIVERS)
+    env.pop("BACKROOM_URL", None)
+    return env
+
+
+def drive(lib: Lib, env: dict[str, str], *args: Any, timeout: float = 120) -> Any:
+    out = subprocess.run(
+        [lib.python, str(DRIVERS / "drive.py"), lib.module, *map(str, args)],
+        env=env, capture_output=True, text=True, timeout=timeout, cwd=DRIVERS,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"{lib.name} {args[0]} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def start_worker(lib: Lib, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as sink:
+        return subprocess.Popen(
+            [lib.python, str(DRIVERS / "drive.py"), lib.module, "worker"],
+            env=env, cwd=DRIVERS, stdout=sink, stderr=sink, start_new_session=True,
+        )  # fmt: skip
+
+
+def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(1.5)  # shutdown is not measured: whatever is left is killed
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers of its group (forked children)
+    proc.wait(5)
+
+
+def tree_max_rss_mb(root: int) -> float:
+    """RSS of the largest process in root's process tree (the one that runs the jobs, where a
+    CLI runs a supervisor process above it)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    members, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        children = [p for p, pp in parents.items() if pp == pid]
+        members.update(children)
+        frontier.extend(children)
+    best = 0.0
+    for pid in members:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    best = max(best, int(line.split()[1]) / 1024)
+    return best
+
+
+# -- one session --------------------------------------------------------------------------------
+
+
+def session(lib: Lib, sizes: Sizes, redis_url: str, logs: Path) -> dict[str, Any]:
+    r = redis.Redis.from_url(redis_url)
+    r.flushall()
+    result: dict[str, Any] = {}
+    log = logs / f"{lib.name}.log"
+    t_session = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix=f"bench-{lib.name}-") as sqlite_dir:
+        env = driver_env(lib, redis_url, sqlite_dir)
+
+        # 1. enqueue, one call per job, and what the queued jobs take in the store
+        base_memory = int(r.info("memory")["used_memory"])
+        base_file = drive(lib, env, "size")["bytes"] if lib.store == "sqlite" else None
+        one = drive(lib, env, "enqueue", sizes.enqueue_n, sizes.enqueue_cap_s)
+        result["enqueue"] = one["jobs"] / one["seconds"]
+        if lib.store == "sqlite":
+            result["bytes"] = (drive(lib, env, "size")["bytes"] - base_file) / one["queued"]
+        else:
+            used = int(r.info("memory")["used_memory"])
+            result["bytes"] = (used - base_memory) / one["queued"]
+        backlog = one["queued"]
+
+        result["t_enqueue"] = time.monotonic() - t_session
+        # 2. batch enqueue
+        many = drive(lib, env, "batch", sizes.batch_n, sizes.batch_cap_s, sizes.batch_size)
+        if many is not None:
+            result["batch"] = many["jobs"] / many["seconds"]
+            backlog += many["queued"]
+
+        # 3. drain that backlog with one worker process
+        result["t_batch"] = time.monotonic() - t_session
+        spawned = time.monotonic()
+        worker = start_worker(lib, env, log)
+        first: tuple[float, int] | None = None
+        last = (spawned, 0)
+        rss = 0.0
+        next_rss = spawned
+        try:
+            while True:
+                now = time.monotonic()
+                count = int(r.get(COUNTER) or 0)
+                if count and first is None:
+                    first = (now, count)
+                last = (now, count)
+                if now >= next_rss:
+                    rss = max(rss, tree_max_rss_mb(worker.pid))
+                    next_rss = now + 0.25
+                if count >= backlog:
+                    break
+                if first is not None and now - first[0] > sizes.drain_cap_s:
+                    break
+                if first is None and now - spawned > 30:
+                    raise RuntimeError(f"{lib.name}: worker ran no job in 30 s; see {log}")
+                if worker.poll() is not None:
+                    code = worker.returncode
+                    raise RuntimeError(f"{lib.name}: worker exited ({code}); see {log}")
+                time.sleep(0.004)
+            rss = max(rss, tree_max_rss_mb(worker.pid))
+        finally:
+            stop_worker(worker)
+        assert first is not None
+        (t1, c1), (t2, c2) = first, last
+        result["drain"] = (c2 - c1) / (t2 - t1) if t2 > t1 else float("nan")
+        result["drain_wall"] = c2 / (t2 - spawned)
+        result["drained"] = c2
+        result["rss"] = rss
+
+        result["t_drain"] = time.monotonic() - t_session
+        # 4. start latency into an idle worker
+        r.flushall()
+        if lib.store == "sqlite":
+            for name in os.listdir(sqlite_dir):
+                os.unlink(os.path.join(sqlite_dir, name))
+        worker = start_worker(lib, env, log)
+        try:
+            drive(lib, env, "latency", 3, sizes.latency_gap_s)  # warm-up
+            wait_for_list(r, 3, 30, lib, worker, log)
+            result["t_warm"] = time.monotonic() - t_session
+            r.delete(LATENCIES)
+            drive(lib, env, "latency", sizes.latency_jobs, sizes.latency_gap_s)
+            wait_for_list(r, sizes.latency_jobs, 10, lib, worker, log)
+            samples = sorted(float(x) * 1000 for x in r.lrange(LATENCIES, 0, -1))
+        finally:
+            stop_worker(worker)
+        result["p50"] = quantile(samples, 0.50)
+        result["p99"] = quantile(samples, 0.99)
+        result["max"] = samples[-1]
+    r.close()
+    return result
+
+
+def wait_for_list(
+    r: redis.Redis, n: int, timeout_s: float, lib: Lib, worker: subprocess.Popen[bytes], log: Path
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while r.llen(LATENCIES) < n:
+        if worker.poll() is not None:
+            raise RuntimeError(f"{lib.name}: worker exited ({worker.returncode}); see {log}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{lib.name}: only {r.llen(LATENCIES)}/{n} probes ran; see {log}")
+        time.sleep(0.01)
+
+
+def quantile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank quantile."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, min(len(sorted_values), int(-(-q * len(sorted_values) // 1))))
+    return sorted_values[rank - 1]
+
+
+# -- the report ---------------------------------------------------------------------------------
+
+# figure, title, unit, higher is better
+FIGURES = [
+    ("enqueue", "enqueue, 1 call per job", "rate", True),
+    ("batch", "batch enqueue", "rate", True),
+    ("drain", "drain, 1 worker process", "rate", True),
+    ("drain_wall", "drain incl. worker start", "rate", True),
+    ("p50", "start latency p50", "ms", False),
+    ("p99", "start latency p99", "ms", False),
+    ("bytes", "bytes per queued job", "bytes", False),
+    ("rss", "worker RSS", "MB", False),
+]
+
+
+def fmt(value: float, unit: str) -> str:
+    if value != value:  # nan
+        return "—"
+    if unit == "rate":
+        return f"{value / 1000:.2f}k/s" if value < 10_000 else f"{value / 1000:.1f}k/s"
+    if unit == "ms":
+        return f"{value:.2f} ms" if value < 10 else f"{value:.1f} ms"
+    if unit == "bytes":
+        return f"{value:,.0f}"
+    return f"{value:.0f} MB"
+
+
+def cell(values: list[float], unit: str) -> str:
+    if not values:
+        return "—"
+    mid = statistics.median(values)
+    if len(values) == 1:
+        return fmt(mid, unit)
+    return f"{fmt(mid, unit)} <sub>{fmt(min(values), unit)}–{fmt(max(values), unit)}</sub>"
+
+
+def machine_facts(redis_url: str) -> dict[str, str]:
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = "?"
+    with contextlib.suppress(OSError):
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kb / 1024 / 1024:.1f} GiB"
+    info = redis.Redis.from_url(redis_url).info("server")
+    return {
+        "cpu": f"{cpu}, {os.cpu_count()} cores, {mem} RAM",
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "redis": f"redis-server {info['redis_version']} (private, loopback, no persistence)",
+    }
+
+
+def probe_ms() -> float:
+    """Wall time of a fixed piece of pure-Python work (~5 ms on an idle core): how much the
+    machine's other load slowed this moment down."""
+    start = time.perf_counter()
+    total = 0
+    for i in range(150_000):
+        total += i * i
+    return (time.perf_counter() - start) * 1000
+
+
+def cpu_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole machine since boot."""
+    fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def report(
+    libs: list[Lib], runs: dict[str, list[dict[str, Any]]], versions: dict[str, str],
+    facts: dict[str, str], sizes: Sizes, noise: str, elapsed: float, failures: list[str],
+) -> str:  # fmt: skip
+    today = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Run {today} with `python bench/run.py{' --quick' if sizes is QUICK else ''}"
+        f"{' --smoke' if sizes is SMOKE else ''}` "
+        f"({sizes.reps} interleaved repetition{'s' if sizes.reps > 1 else ''}, "
+        f"{elapsed / 60:.1f} min). "
+        "Median per figure, min–max of the repetitions in small print.",
+        "",
+        f"- machine: {facts['cpu']}; {facts['os']}",
+        f"- Python {facts['python']}; {facts['redis']}",
+        f"- noise: {noise}",
+        f"- sizes: enqueue up to {sizes.enqueue_n:,} jobs or {sizes.enqueue_cap_s:g} s; batch up "
+        f"to {sizes.batch_n:,} in batches of {sizes.batch_size:,} or {sizes.batch_cap_s:g} s; "
+        "drain of "
+        f"that backlog (capped at {sizes.drain_cap_s:g} s after the first job); "
+        f"{sizes.latency_jobs} latency probes {sizes.latency_gap_s * 1000:.0f} ms apart",
+        "- job body: one Redis INCR (sync client); latency probe: clock, then one RPUSH",
+        "",
+        "| library (version) | " + " | ".join(title for _, title, _, _ in FIGURES) + " |",
+        "| --- | " + " | ".join("---" for _ in FIGURES) + " |",
+    ]
+    for lib in libs:
+        rows = runs.get(lib.name, [])
+        cells = [
+            cell([r[key] for r in rows if key in r and r[key] == r[key]], unit)
+            for key, _, unit, _ in FIGURES
+        ]
+        lines.append(f"| {lib.label} ({versions.get(lib.name, '?')}) | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "bytes per queued job: Redis `used_memory` delta over the queued jobs of scenario 1 "
+        "(for SQLite: the database file after a WAL checkpoint). worker RSS: the largest "
+        "process of the worker's process tree, sampled every 250 ms while draining.",
+        "",
+    ]
+    lines += ratio_section(libs, runs)
+    if failures:
+        lines += ["", "## Failures", ""] + [f"- {f}" for f in failures]
+    return "\n".join(lines) + "\n"
+
+
+TARGETS = {  # figure -> (target ratio or absolute, text)
+    ("redis", "drain"): "≥ 5× (≈ 9k/s)",
+    ("redis", "enqueue"): "≥ 2× (≈ 13k/s)",
+    ("redis", "batch"): "≥ 5× (≈ 66k/s)",
+    ("redis", "p50"): "≤ 0.6 ms",
+    ("redis", "p99"): "≤ 2 ms",
+    ("redis", "bytes"): "≤ 200 B",
+    ("redis", "rss"): "≤ 40 MB",
+    ("sqlite", "drain"): "≥ 5× (≈ 10k/s)",
+    ("sqlite", "enqueue"): "≥ 2× (≈ 8k/s)",
+}
+
+
+def ratio_section(libs: list[Lib], runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    def med(name: str, key: str) -> float | None:
+        values = [r[key] for r in runs.get(name, []) if key in r and r[key] == r[key]]
+        return statistics.median(values) if values else None
+
+    lines = [
+        "## backroom against the best peer, per figure",
+        "",
+        "ratio: backroom / best peer for rates (higher is better), best peer / backroom for "
+        "latency, memory and RSS (so > 1 always means backroom is ahead).",
+        "",
+        "| store | figure | best peer | backroom | ratio | target |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for store in ("redis", "sqlite"):
+        ours = [
+            lib
+            for lib in libs
+            if lib.name.startswith("backroom")
+            and lib.store == store
+            and "@" not in lib.name
+            and "async" not in lib.name
+        ]
+        peers = [lib for lib in libs if not lib.name.startswith("backroom") and lib.store == store]
+        if not ours or not peers:
+            continue
+        mine = ours[0]
+        for key, title, unit, higher in FIGURES:
+            if key == "drain_wall":
+                continue
+            scored = [(med(p.name, key), p) for p in peers]
+            scored = [(v, p) for v, p in scored if v is not None]
+            value = med(mine.name, key)
+            if not scored or value is None:
+                continue
+            best_value, best = (max if higher else min)(scored, key=lambda vp: vp[0])
+            if higher:
+                ratio = value / best_value if best_value else float("nan")
+            else:
+                ratio = best_value / value if value else float("nan")
+            lines.append(
+                f"| {store} | {title} | {best.label}: {fmt(best_value, unit)} | "
+                f"{fmt(value, unit)} | {ratio:.2f}× | {TARGETS.get((store, key), '')} |"
+            )
+    return lines
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, 1 repetition")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes: only checks that every scenario runs (the test suite)",
+    )
+    parser.add_argument("--libs", default=",".join(DEFAULT_LIBS),
+                        help=f"comma-separated, from: {', '.join(LIBS)}")  # fmt: skip
+    parser.add_argument("--reps", type=int, help="repetitions (default 3; --quick: 1)")
+    parser.add_argument("--out", default=str(BENCH / "results.md"))
+    parser.add_argument("--json", help="also write the raw runs as JSON here")
+    args = parser.parse_args()
+
+    sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
+    if args.reps:
+        sizes = Sizes(**{**sizes.__dict__, "reps": args.reps})
+    libs = []
+    for spec in args.libs.split(","):
+        name, _, src = spec.partition("@")  # backroom-redis@/tmp/proto: that source tree
+        if name not in LIBS or (src and not name.startswith("backroom")):
+            parser.error(f"unknown lib {spec!r}; choose from {', '.join(LIBS)} "
+                         "(backroom ones may take @SOURCE_TREE)")  # fmt: skip
+        lib = LIBS[name]
+        if src:
+            src = str(Path(src).resolve())
+            lib = Lib(spec, f"{lib.label} [{src}]", lib.module, lib.env, lib.store,
+                      {**lib.extra_env, "BENCH_BACKROOM_SRC": src})  # fmt: skip
+        libs.append(lib)
+    missing = [lib.name for lib in libs if not Path(lib.python).exists()]
+    if missing:
+        sys.exit(f"bench: no virtualenv for {', '.join(missing)}; run `bash bench/setup.sh`")
+
+    started = time.monotonic()
+    busy0, total0 = cpu_busy()
+    load0 = os.getloadavg()
+    logs = Path(tempfile.mkdtemp(prefix="bench-logs-"))
+    runs: dict[str, list[dict[str, Any]]] = {lib.name: [] for lib in libs}
+    failures: list[str] = []
+    probes: list[float] = []
+    with redis_server() as url:
+        facts = machine_facts(url)
+        versions: dict[str, str] = {}
+        for lib in libs:
+            env = driver_env(lib, url, str(logs))
+            try:
+                versions[lib.name] = drive(lib, env, "version")["version"]
+            except Exception as exc:  # a library that cannot even import is reported, not fatal
+                failures.append(f"{lib.name}: {exc}")
+        libs = [lib for lib in libs if lib.name in versions]
+        for rep in range(sizes.reps):
+            order = libs[rep % len(libs) :] + libs[: rep % len(libs)] if libs else []
+            for lib in order:
+                probes.append(probe_ms())
+                t = time.monotonic()
+                try:
+                    run = session(lib, sizes, url, logs)
+                except Exception as exc:
+                    failures.append(f"{lib.name} (rep {rep + 1}): {exc}")
+                    print(f"  {lib.name}: FAILED {exc}", file=sys.stderr)
+                    continue
+                runs[lib.name].append(run)
+                print(f"rep {rep + 1}/{sizes.reps} {lib.name:16s} {time.monotonic() - t:5.1f} s  "
+                      + "  ".join(f"{k}={v:.4g}" for k, v in run.items()),
+                      file=sys.stderr, flush=True)  # fmt: skip
+    busy1, total1 = cpu_busy()
+    load1 = os.getloadavg()
+    elapsed = time.monotonic() - started
+    noise = (
+        f"load average {load0[0]:.2f} at start, {load1[0]:.2f} at end; the machine's CPUs were "
+        f"{100 * (busy1 - busy0) / max(1.0, total1 - total0):.0f}% busy during the run (this "
+        "benchmark included: producer, worker and redis-server share the cores); a fixed "
+        "CPU probe run before each session took "
+        + (
+            f"{min(probes):.1f}–{max(probes):.1f} ms (median {statistics.median(probes):.1f}; "
+            "the spread is how much other load slowed sessions down)"
+            if probes
+            else "—"
+        )
+    )
+    text = report(libs, runs, versions, facts, sizes, noise, elapsed, failures)
+    Path(args.out).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"runs": runs, "versions": versions}, indent=1))
+    print(text)
+    print(f"(written to {args.out}; worker logs in {logs})", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
