@@ -177,6 +177,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     from backroom import terminal
 
     terminal.print_jobs(rows)
+    if app.schedules and state is None and args.job is None and args.tag is None:
+        from backroom.reporting import stats_summary
+
+        terminal.print_schedules(stats_summary(app)["schedules"])
     return 0
 
 

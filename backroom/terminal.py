@@ -54,7 +54,11 @@ def print_stats(summary: dict[str, Any]) -> None:
         depth = ", ".join(f"{q}: {n}" for q, n in sorted(summary["queues"].items())) or "empty"
         paused = f"; paused: {', '.join(summary['paused'])}" if summary["paused"] else ""
         console.print(f"queued by queue: {depth}{paused}")
-    for schedule in summary["schedules"]:
+    print_schedules(summary["schedules"])
+
+
+def print_schedules(schedules: list[dict[str, Any]]) -> None:
+    for schedule in schedules:
         console.print(f"schedule {schedule['name']} ({schedule['cron']} {schedule['timezone']})"
                       f" -> {schedule['job']}, next run {when(schedule['next_run'])}")  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""Real worker processes on one SQLite file: many workers, none loses or doubles a job; a worker
+"""Real worker processes on one SQLite file or one Redis: none loses or doubles a job; a worker
 killed with SIGKILL mid-job loses nothing, since its lease expires and another worker runs it."""
 
 from __future__ import annotations
@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
+
+import pytest
 
 from tests.apps.ledger import app, ledger_counts
 from tests.e2e.conftest import Workers
@@ -31,6 +33,28 @@ def test_four_worker_processes_drain_2000_jobs_each_exactly_once(
     stats = app.broker.stats().jobs["record"]
     assert stats.counts == {"succeeded": 2000}
     assert stats.recoveries == 0
+    app.close()
+
+
+@pytest.mark.redis
+def test_four_worker_processes_drain_5000_jobs_from_redis_each_exactly_once(
+    redis_server: str, workers: Workers
+) -> None:
+    url = redis_server.replace("/0", "/0?prefix=e2e")
+    app.url = url
+    app.close()
+    app.broker.purge()
+    app.enqueue_many("record", [{"n": n} for n in range(5000)])
+    procs = [workers.start("--app", "tests.apps.ledger:app", "--url", url, "--in-process",
+                           "--burst", "--concurrency", "4") for _ in range(4)]  # fmt: skip
+    for proc in procs:
+        assert proc.wait(timeout=240) == 0
+    counts = ledger_counts(workers.env["LEDGER_DB"])
+    assert sorted(counts) == list(range(5000)), "a job never ran"
+    assert set(counts.values()) == {1}, "a job ran twice without any fault to explain it"
+    stats = app.broker.stats().jobs["record"]
+    assert stats.counts == {"succeeded": 5000} and stats.recoveries == 0
+    app.broker.purge()
     app.close()
 
 
