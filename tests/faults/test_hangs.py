@@ -41,7 +41,11 @@ def test_scenario_4b_a_job_that_holds_the_gil_past_its_timeout_gets_its_child_ki
 ) -> None:
     frozen = rig.app.enqueue("hold_the_gil", {"n": 0})  # timeout=1, retries=0
     others = rig.app.enqueue_many("record", [{"n": n} for n in range(1, 11)])
-    supervisor = rig.worker("--processes", "1", "--concurrency", "2", supervised=True)
+    # A claim committed while the frozen job held the GIL never reaches the supervisor's
+    # pipe; only its lease brings that job back, so keep the lease short here.
+    supervisor = rig.worker(
+        "--processes", "1", "--concurrency", "2", "--lease", "3", supervised=True
+    )
     held, *rest = rig.settle([frozen, *others])
     assert (held.state, held.attempts) == (State.DEAD, 1)
     assert held.error is not None and held.error.type == "JobTimeout"
