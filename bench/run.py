@@ -31,6 +31,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -239,9 +240,10 @@ def session(lib: Lib, sizes: Sizes, redis_url: str, logs: Path) -> dict[str, Any
     r = redis.Redis.from_url(redis_url)
     r.flushall()
     result: dict[str, Any] = {}
-    log = logs / f"{lib.name}.log"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", lib.name)  # backroom-redis@/tmp/x -> a file name
+    log = logs / f"{slug}.log"
     t_session = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix=f"bench-{lib.name}-") as sqlite_dir:
+    with tempfile.TemporaryDirectory(prefix=f"bench-{slug}-") as sqlite_dir:
         env = driver_env(lib, redis_url, sqlite_dir)
 
         # 1. enqueue, one call per job, and what the queued jobs take in the store

@@ -25,7 +25,7 @@ async def lat(ctx: Any, sent: float) -> None:
 
 
 class WorkerSettings:
-    functions = [incr, lat]
+    functions = (incr, lat)
     redis_settings = RedisSettings.from_dsn(REDIS_URL)
     poll_delay = POLL
     keep_result = 0  # peers store no result for a job that returns None

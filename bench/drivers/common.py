@@ -98,6 +98,13 @@ def main(
                 return await _timed(lambda _i: enqueue_batch(size), size, n, cap)
             if command == "latency":
                 count, gap = int(args[0]), float(args[1])
+                # one probe first, not counted: this producer's first call pays for connecting
+                # and lazy imports, which is not the worker's start latency
+                await _maybe_await(send_latency(time.monotonic()))
+                deadline = time.monotonic() + 30
+                while not client().llen(LATENCIES) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.002)
+                client().delete(LATENCIES)
                 next_at = time.monotonic()
                 for _ in range(count):
                     while (pause := next_at - time.monotonic()) > 0:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 import rq
-from common import REDIS_URL, client, latency_body, main, noop_body
+from common import client, latency_body, main, noop_body
 
 KIND = os.environ.get("BENCH_RQ_WORKER", "simple")
 

@@ -8,7 +8,6 @@ import asyncio
 import os
 import sys
 
-import taskiq
 from common import REDIS_URL, latency_body, main, noop_body
 from taskiq_redis import ListQueueBroker
 
