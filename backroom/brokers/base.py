@@ -8,6 +8,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from backroom.envelope import JSON, Envelope, State
 
@@ -128,6 +129,66 @@ class WorkerInfo:
     started_at: float
     seen_at: float
     current: tuple[str, ...] = ()  # ids of the jobs it runs now
+
+
+class StatsBuilder:
+    """Collects a backend's stored counters into a Stats record, so every broker assembles
+    them the same way: feed it the rows it keeps, then call build()."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, dict[str, Any]] = {}
+        self._queues: dict[str, int] = {}
+
+    def _entry(self, job: str) -> dict[str, Any]:
+        return self._jobs.setdefault(job, {
+            "counts": {}, "run": {}, "wait": {}, "timing": {}, "retries": 0, "recoveries": 0,
+            "rejections": {},
+        })  # fmt: skip
+
+    def count(self, job: str, queue: str, state: str, n: int) -> None:
+        """n jobs of `job` in `state` on `queue` (queued ones add to the queue's depth)."""
+        counts = self._entry(job)["counts"]
+        counts[state] = counts.get(state, 0) + n
+        if state == "queued":
+            self._queues[queue] = self._queues.get(queue, 0) + n
+
+    def bucket(self, job: str, kind: str, index: int, n: int) -> None:
+        """Histogram bucket `index` of `kind` ("run" or "wait") holds n samples."""
+        self._entry(job)[kind][index] = n
+
+    def timing(self, job: str, kind: str, count: int, total: float, maximum: float) -> None:
+        self._entry(job)["timing"][kind] = (count, total, maximum)
+
+    def event(self, job: str, kind: str, n: int) -> None:
+        """ "retry", "recovery" or "reject:<reason category>" happened n times."""
+        entry = self._entry(job)
+        if kind == "retry":
+            entry["retries"] = n
+        elif kind == "recovery":
+            entry["recoveries"] = n
+        elif kind.startswith("reject:"):
+            entry["rejections"][kind.removeprefix("reject:")] = n
+
+    def build(self) -> Stats:
+        def histogram(entry: dict[str, Any], kind: str) -> Histogram:
+            count, total, maximum = entry["timing"].get(kind, (0, 0.0, 0.0))
+            return Histogram(buckets=entry[kind], count=count, total=total, max=maximum)
+
+        return Stats(
+            jobs={
+                job: JobStats(
+                    job=job,
+                    counts={k: v for k, v in e["counts"].items() if v},
+                    run_time=histogram(e, "run"),
+                    wait_time=histogram(e, "wait"),
+                    retries=e["retries"],
+                    recoveries=e["recoveries"],
+                    rejections=e["rejections"],
+                )
+                for job, e in sorted(self._jobs.items())
+            },
+            queues={q: n for q, n in self._queues.items() if n},
+        )
 
 
 # -- histogram buckets: 50 microseconds to about a day, each bound 1.25x the one before -------

@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from backroom.brokers.base import BUCKET_BOUNDS, Failure, Histogram, JobRecord, JobStats, Stats
+from backroom.brokers.base import BUCKET_BOUNDS, Failure, JobRecord, Stats, StatsBuilder
 from backroom.envelope import Envelope, State, decode
 
 SCRIPTS = (
@@ -233,61 +233,28 @@ def running_state(raw: bytes | None) -> tuple[bool, bool]:
 
 def stats_of(counts: Mapping[bytes, bytes], hist: Mapping[bytes, bytes]) -> Stats:
     """Stats from the P:c counters ("job\\0queue\\0state" -> n) and the P:h histograms."""
-    by_job: dict[str, dict[str, Any]] = {}
-
-    def entry(job: str) -> dict[str, Any]:
-        return by_job.setdefault(
-            job,
-            {"counts": {}, "w": {}, "r": {}, "retries": 0, "recoveries": 0, "rejections": {}},
-        )
-
-    queues: dict[str, int] = {}
+    stats = StatsBuilder()
+    timings: dict[tuple[str, str], dict[str, float]] = {}
     for field, value in counts.items():
         job, queue, state = field.decode().split("\0")
-        n = int(value)
-        if not n:
-            continue
-        e = entry(job)
-        e["counts"][state] = e["counts"].get(state, 0) + n
-        if state == "queued":
-            queues[queue] = queues.get(queue, 0) + n
+        if int(value):
+            stats.count(job, queue, state, int(value))
     for field, value in hist.items():
         job, _, name = field.decode().partition("\0")
-        e = entry(job)
-        kind = name[:1]
+        kind = {"r": "run", "w": "wait"}.get(name[:1], "")
         if name == "retry":
-            e["retries"] = int(value)
+            stats.event(job, "retry", int(value))
         elif name == "recovery":
-            e["recoveries"] = int(value)
+            stats.event(job, "recovery", int(value))
         elif name.startswith("x:"):
-            e["rejections"][name[2:]] = int(value)
-        elif kind in ("w", "r") and name[1:2] == ":":
-            e[kind][int(name[2:])] = int(value)
-        elif kind in ("w", "r") and name[1:] == "c":
-            e[name] = int(value)
-        elif kind in ("w", "r") and name[1:] in ("t", "m"):
-            e[name] = int(value) / 1e6  # kept in microseconds
-
-    def histogram(e: dict[str, Any], kind: str) -> Histogram:
-        return Histogram(
-            buckets=e[kind],
-            count=int(e.get(kind + "c", 0)),
-            total=float(e.get(kind + "t", 0.0)),
-            max=float(e.get(kind + "m", 0.0)),
-        )
-
-    return Stats(
-        jobs={
-            job: JobStats(
-                job=job,
-                counts={k: v for k, v in e["counts"].items() if v},
-                run_time=histogram(e, "r"),
-                wait_time=histogram(e, "w"),
-                retries=e["retries"],
-                recoveries=e["recoveries"],
-                rejections=e["rejections"],
-            )
-            for job, e in sorted(by_job.items())
-        },
-        queues={q: n for q, n in queues.items() if n},
-    )
+            stats.event(job, f"reject:{name[2:]}", int(value))
+        elif kind and name[1:2] == ":":
+            stats.bucket(job, kind, int(name[2:]), int(value))
+        elif kind and name[1:] == "c":
+            timings.setdefault((job, kind), {})["count"] = int(value)
+        elif kind and name[1:] in ("t", "m"):
+            timings.setdefault((job, kind), {})[name[1:]] = int(value) / 1e6  # microseconds
+    for (job, kind), timing in timings.items():
+        stats.timing(job, kind, int(timing.get("count", 0)), timing.get("t", 0.0),
+                     timing.get("m", 0.0))  # fmt: skip
+    return stats.build()

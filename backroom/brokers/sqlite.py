@@ -20,11 +20,10 @@ from backroom.brokers.base import (
     Broker,
     Claim,
     Failure,
-    Histogram,
     JobQuery,
     JobRecord,
-    JobStats,
     Stats,
+    StatsBuilder,
     WorkerInfo,
     bucket_of,
     reason_category,
@@ -875,59 +874,16 @@ class SQLiteBroker(Broker):
             hist = db.execute("SELECT job, kind, bucket, n FROM hist").fetchall()
             timing = db.execute("SELECT job, kind, count, total, max FROM timing").fetchall()
             events = db.execute("SELECT job, kind, n FROM events").fetchall()
-        by_job: dict[str, dict[str, Any]] = {}
-
-        def entry(job: str) -> dict[str, Any]:
-            return by_job.setdefault(
-                job,
-                {
-                    "counts": Counter(),
-                    "run": {},
-                    "wait": {},
-                    "timing": {},
-                    "retries": 0,
-                    "recoveries": 0,
-                    "rejections": {},
-                },
-            )
-
-        queues: Counter[str] = Counter()
+        stats = StatsBuilder()
         for job, queue, state, n in counts:
-            entry(job)["counts"][state] += n
-            if state == "queued":
-                queues[queue] += n
+            stats.count(job, queue, state, n)
         for job, kind, bucket, n in hist:
-            entry(job)[kind][bucket] = n
+            stats.bucket(job, kind, bucket, n)
         for job, kind, count, total, maximum in timing:
-            entry(job)["timing"][kind] = (count, total, maximum)
+            stats.timing(job, kind, count, total, maximum)
         for job, kind, n in events:
-            e = entry(job)
-            if kind == "retry":
-                e["retries"] = n
-            elif kind == "recovery":
-                e["recoveries"] = n
-            elif kind.startswith("reject:"):
-                e["rejections"][kind[len("reject:") :]] = n
-
-        def histogram(e: dict[str, Any], kind: str) -> Histogram:
-            count, total, maximum = e["timing"].get(kind, (0, 0.0, 0.0))
-            return Histogram(buckets=e[kind], count=count, total=total, max=maximum)
-
-        return Stats(
-            jobs={
-                job: JobStats(
-                    job=job,
-                    counts={k: v for k, v in e["counts"].items() if v},
-                    run_time=histogram(e, "run"),
-                    wait_time=histogram(e, "wait"),
-                    retries=e["retries"],
-                    recoveries=e["recoveries"],
-                    rejections=e["rejections"],
-                )
-                for job, e in sorted(by_job.items())
-            },
-            queues={q: n for q, n in queues.items() if n},
-        )
+            stats.event(job, kind, n)
+        return stats.build()
 
     # -- workers ----------------------------------------------------------------------------------
     def register_worker(self, info: WorkerInfo, ttl_s: float) -> None:
