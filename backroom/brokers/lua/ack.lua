@@ -7,18 +7,15 @@ local now, call = tonumber(ARGV[1]), ARGV[2]
 local out = {}
 for _, outcome in ipairs(cmsgpack.unpack(ARGV[3])) do
   local id, ai = outcome[1], outcome[2]
-  local raw = redis.call('HGET', J, id)
-  local r = raw and cmsgpack.unpack(raw)
-  if r and not is_fresh(r) and owned(r, ai) then
+  local r, reply = claimed_record(id, ai, call)
+  if r then
     detach(id, r)
     r.r, r.pg, r.rs, r.ak = outcome[3], 1.0, nil, call
     sample(r.j, 'r', now - (r.sa or now))
     finish(id, r, 'succeeded', now, false)
-    out[#out + 1] = 1
-  else
-    local done = not r and load(id)
-    if done and done.ak == call and done.ai == ai then out[#out + 1] = 1 else out[#out + 1] = 0 end
+    reply = 1
   end
+  out[#out + 1] = reply
 end
 flush()
 return out

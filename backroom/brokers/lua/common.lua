@@ -250,6 +250,18 @@ local function owned(r, ai)
   return r ~= nil and r.st == 'running' and r.ai == ai
 end
 
+-- The live record of job `id` when the claim with attempt id `ai` still owns it; else nil and
+-- the reply to give: 1 when this very call already recorded the outcome (a call repeated after
+-- a lost reply), 0 when the lease was lost (nothing is written).
+local function claimed_record(id, ai, call)
+  local raw = redis.call('HGET', J, id)
+  local r = raw and cmsgpack.unpack(raw)
+  if r and not is_fresh(r) and owned(r, ai) then return r, nil end
+  local done = not r and load(id)
+  if done and done.ak == call and done.ai == ai then return nil, 1 end
+  return nil, 0
+end
+
 -- Pop up to `limit` jobs from the head of P:f:<st> that finished before `cutoff` and forget
 -- them. Stops at the first that finished later: the list is in finishing order (workers' clocks
 -- may disagree a little, which delays a few by as much). Returns how many were forgotten.
