@@ -35,6 +35,7 @@ from backroom.web.checks import (
     JSONResponse,
     enqueue_options,
     job_query,
+    object_body,
     read_json,
     short,
     text_field,
@@ -249,20 +250,9 @@ class Api:
         return await run_in_threadpool(self._enqueue, body, source)
 
     def _enqueue(self, body: Any, source: str) -> JSONResponse:
-        if not isinstance(body, dict):
-            raise ApiError(
-                400,
-                "invalid_body",
-                'the body must be a JSON object such as {"job": "send_email", "payload": {...}}',
-            )
-        unknown = sorted(set(body) - set(ENQUEUE_FIELDS))
-        if unknown:
-            raise ApiError(
-                422,
-                "invalid_field",
-                f"field {unknown[0][:MAX_TEXT]!r} is not accepted; use {', '.join(ENQUEUE_FIELDS)}",
-                field=unknown[0][:MAX_TEXT],
-            )
+        body = object_body(
+            body, ENQUEUE_FIELDS, '{"job": "send_email", "payload": {...}}', "is not accepted"
+        )
         if "job" not in body:
             raise ApiError(
                 422,
@@ -356,20 +346,12 @@ class Api:
         """Retry or delete the jobs matching a filter {"state": "dead", "job": ..., "tag": ...}
         in pages of BULK_BATCH, at most BULK_MAX per request (`more` says to call again)."""
         body = {} if body is None else body
-        if not isinstance(body, dict):
-            raise ApiError(
-                400,
-                "invalid_body",
-                'the body must be a JSON object such as {"state": "dead", "job": "send_email"}',
-            )
-        unknown = sorted(set(body) - {"state", "job", "tag"})
-        if unknown:
-            raise ApiError(
-                422,
-                "invalid_field",
-                f"field {unknown[0][:MAX_TEXT]!r} is not a filter; use state, job, tag",
-                field=unknown[0][:MAX_TEXT],
-            )
+        body = object_body(
+            body,
+            ("state", "job", "tag"),
+            '{"state": "dead", "job": "send_email"}',
+            "is not a filter",
+        )
         state = body.get("state", "dead")
         if state not in BULK_STATES[action]:
             raise ApiError(

@@ -5,7 +5,7 @@ field and what would be accepted."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -114,6 +114,20 @@ def _number(value: Any, field: str, *, positive: bool = False) -> float:
 def short(value: Any) -> str:
     text = repr(value)
     return (text[:57] + "...") if len(text) > 60 else text
+
+
+def object_body(body: Any, allowed: Sequence[str], example: str, refusal: str) -> dict[str, Any]:
+    """A request body that must be a JSON object with only the `allowed` fields: a 400 when it
+    is not an object (showing `example`), a 422 naming the first unknown field."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_body", f"the body must be a JSON object such as {example}")
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        name = unknown[0][:MAX_TEXT]
+        raise ApiError(
+            422, "invalid_field", f"field {name!r} {refusal}; use {', '.join(allowed)}", field=name
+        )
+    return body
 
 
 def job_query(params: Mapping[str, str]) -> JobQuery:
