@@ -32,7 +32,10 @@ class Execution(NamedTuple):
 
 def _connect(path: str) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode = WAL")
+    # Switching the journal mode needs the file to itself and fails at once with "database is
+    # locked" (no busy wait) when another process holds it: switch only the first time.
+    if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = NORMAL")
     db.execute(SCHEMA)
     return db
