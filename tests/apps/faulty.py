@@ -30,14 +30,23 @@ class Execution(NamedTuple):
     at: float
 
 
-def _connect(path: str) -> sqlite3.Connection:
-    db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
-    # Switching the journal mode needs the file to itself and fails at once with "database is
-    # locked" (no busy wait) when another process holds it: switch only the first time.
-    if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+def create_ledger(path: str | Path) -> None:
+    """Make the ledger file in WAL mode before any worker starts. Switching the journal mode
+    needs the file to itself and fails at once ("database is locked", no busy wait) when a
+    worker holds it: a job doing it would fail now and then, and count an extra attempt."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
         db.execute("PRAGMA journal_mode = WAL")
+        db.execute(SCHEMA)
+    finally:
+        db.close()
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    if not Path(path).exists():
+        raise RuntimeError(f"no ledger at {path}: the test creates it with create_ledger()")
+    db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA synchronous = NORMAL")
-    db.execute(SCHEMA)
     return db
 
 

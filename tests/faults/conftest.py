@@ -19,7 +19,7 @@ from backroom.app import App, Handle
 from backroom.brokers.base import JobRecord
 from backroom.envelope import FINAL_STATES
 from tests.apps import faulty
-from tests.apps.faulty import Execution, executions
+from tests.apps.faulty import Execution, create_ledger, executions
 from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,6 +35,7 @@ class Rig:
         self.url = url
         self.workdir = workdir
         self.ledger = workdir / "ledger.db"
+        create_ledger(self.ledger)
         self.env = {
             **os.environ,
             "PYTHONPATH": str(ROOT),
@@ -126,7 +127,7 @@ class Rig:
         return self.records(handles)
 
     def executions(self, job: str | None = None) -> list[Execution]:
-        return executions(self.ledger, job) if self.ledger.exists() else []
+        return executions(self.ledger, job)
 
     def started(self, job: str, count: int = 1, deadline_s: float = 30) -> list[Execution]:
         """Wait until `job` has run at least `count` times (its ledger rows); returns them."""
