@@ -275,11 +275,17 @@ class Worker:
                 await _first(self._changed.wait(), timeout=failing)
                 continue
             if watcher is None or watcher.done():
+                woke = watcher is not None
                 if watcher is not None and not watcher.cancelled():
                     watcher.exception()  # a failed wait only means "look again"
                 watcher = asyncio.wrap_future(
                     self._waiter.submit(self.broker.wait_for_work, self.queues, 1.0)
                 )
+                if woke:
+                    # the finished wait may have consumed a wake-up that came after the last
+                    # claim (Redis publishes only when a queue turns non-empty): claim again
+                    # before waiting, or the job sits until the next wait times out
+                    continue
             if self._acks or self._done:
                 continue
             await _first(self._changed.wait(), watcher, timeout=1.0)
