@@ -403,9 +403,13 @@ class Context:
         self.source: str = envelope.source
         self.tags: tuple[str, ...] = envelope.tags
         self.payload: dict[str, Any] = envelope.payload
-        self.logger = logging.getLogger(f"backroom.job.{envelope.job}")
-        self._cancelled = threading.Event()
+        self._cancelled = False  # set by the worker, from another thread: a plain flag will do
         self._last_progress = 0.0
+
+    @property
+    def logger(self) -> logging.Logger:
+        """The job's logger, `backroom.job.<name>`."""
+        return logging.getLogger(f"backroom.job.{self.job}")
 
     @property
     def config(self) -> dict[str, Any]:
@@ -415,7 +419,7 @@ class Context:
     @property
     def cancelled(self) -> bool:
         """True once someone asked to cancel this job: stop cooperatively and return."""
-        return self._cancelled.is_set()
+        return self._cancelled
 
     def progress(self, fraction: float, message: str | None = None) -> None:
         """Record how far the job got (0..1) and what it is doing, shown by status and the

@@ -46,15 +46,19 @@ _decode = msgspec.json.Decoder(list[Any]).decode
 
 
 class ChildChannel:
-    """What a child tells its supervisor: `hello`, the jobs it `claim`s (id, attempt id, timeout
-    deadline), the ones it is `done` with (outcome recorded), and a `beat` each second. Writes
-    never block the worker: if the supervisor stops reading, the backlog is dropped and the
-    supervisor told to `reset` (those jobs then fall back to lease expiry)."""
+    """What a child tells its supervisor: `hello`, the jobs it `claim`s (id, attempt id), the
+    ones it `start`s (id, timeout deadline; sent by the job's thread before the job runs, so a
+    job that crashes the process is known to have started), the ones it is `done` with
+    (outcome recorded), and a `beat` each second. A crash fails the started jobs and hands
+    back the others. Writes never block the worker: if the supervisor stops reading, the
+    backlog is dropped and the supervisor told to `reset` (those jobs then fall back to lease
+    expiry). Any thread may send."""
 
     def __init__(self, fd: int) -> None:
         os.set_blocking(fd, False)
         self._fd: int | None = fd
         self._backlog = bytearray()
+        self._lock = threading.Lock()
 
     @classmethod
     def from_environment(cls) -> ChildChannel | None:
@@ -67,6 +71,10 @@ class ChildChannel:
             return None
 
     def send(self, *message: Any) -> None:
+        with self._lock:
+            self._send(message)
+
+    def _send(self, message: tuple[Any, ...]) -> None:
         if self._fd is None:
             return
         self._backlog += _encode(list(message)) + b"\n"
@@ -107,6 +115,7 @@ class _Child:
     started: float = field(default_factory=time.monotonic)
     buffer: bytearray = field(default_factory=bytearray)
     held: dict[str, tuple[str, float | None]] = field(default_factory=dict)  # id -> attempt, due
+    running: set[str] = field(default_factory=set)  # held jobs that started (the others wait)
     ready: bool = False  # said hello: settled its predecessor's jobs, serving
     last_beat: float = field(default_factory=time.monotonic)
     overdue: set[str] = field(default_factory=set)  # set when killed for being stuck past these
@@ -144,13 +153,20 @@ class _Child:
         if kind == "claim":
             for job_id, attempt_id, due in rest[0]:
                 self.held[job_id] = (attempt_id, due)
+        elif kind == "start":
+            for job_id, due in rest[0]:
+                if job_id in self.held:
+                    self.held[job_id] = (self.held[job_id][0], due)
+                    self.running.add(job_id)
         elif kind == "done":
             for job_id in rest[0]:
                 self.held.pop(job_id, None)
+                self.running.discard(job_id)
         elif kind == "hello":
             self.ready = True
         elif kind == "reset":
             self.held.clear()
+            self.running.clear()
 
 
 class Supervisor:
@@ -231,7 +247,7 @@ class Supervisor:
         else:
             return
         logger.error("killing worker child %d (pid %d): %s", child.slot, child.process.pid, why)
-        child.overdue = overdue or set(child.held)
+        child.overdue = overdue or set(child.running)
         child.killed = why
         with contextlib.suppress(ProcessLookupError):
             child.process.kill()
@@ -255,7 +271,7 @@ class Supervisor:
         for job_id, (attempt_id, due) in child.held.items():
             orphan: dict[str, Any] = {"id": job_id, "attempt_id": attempt_id}
             past_due = due is not None and due < time.time()
-            if child.killed and job_id not in child.overdue:
+            if job_id not in child.running or (child.killed and job_id not in child.overdue):
                 orphan["release"] = True  # an innocent bystander: hand it back, uncounted
             elif child.killed and past_due:
                 orphan["error"] = ["JobTimeout", "job exceeded its timeout and froze its worker "

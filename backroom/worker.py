@@ -1,6 +1,11 @@
-"""The worker: claim -> check -> run -> record. Claims in batches up to its free slots, runs sync
-jobs in threads and async jobs on its event loop, acknowledges successes in batches, renews
-leases by heartbeat, stops overdue and cancelled jobs, and hands jobs back on shutdown."""
+"""The worker: claim -> check -> run -> record. Claims in batches (a little ahead of its free
+slots), runs sync jobs in threads and async jobs on its event loop, acknowledges successes in
+batches, renews leases by heartbeat, stops overdue and cancelled jobs, and hands jobs back on
+shutdown.
+
+A sync job costs no asyncio task or future: a job thread that finishes one takes the next
+claimed sync job itself (its slot passes on), and hands its outcome to the event loop through a
+deque with at most one wake-up per batch."""
 
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from queue import SimpleQueue
@@ -45,6 +51,10 @@ T = TypeVar("T")
 
 EXIT_OK = 0
 HOUSEKEEPING_S = 0.5
+WATCHDOG_S = 0.05  # how often sync jobs' timeouts are checked
+PREFETCH_WINDOW_S = 0.05  # claim ahead about this much work (by the recent mean run time)
+PREFETCH_MAX = 256
+PREFETCH_MAX_WAIT_S = 1.0  # a job claimed ahead that waited this long goes back to the queue
 WORKER_TTL_S = 15.0
 BROKER_RETRY_MAX_S = 5.0
 
@@ -99,16 +109,30 @@ class _JobThreads:
             self._idle.release()
 
 
-@dataclass
+@dataclass(eq=False)
 class _Running:
+    """A job this worker holds: claimed and checked, waiting for a slot, then running."""
+
     claim: Claim
-    context: Context | None = None
-    task: asyncio.Task[None] | None = None  # the worker's task that runs and records this job
-    job: asyncio.Future[Any] | None = None  # the job itself: its task, or its thread's future
+    spec: JobSpec
+    arguments: dict[str, Any]
+    context: Context
+    timeout: float | None = None
+    task: asyncio.Task[None] | None = None  # async jobs: the worker's task that runs it
+    job: asyncio.Future[Any] | None = None  # async jobs: the job's own task
+    started: float | None = None  # monotonic, once it started
+    started_at: float | None = None  # wall clock, once it started (the run time counts from it)
+    deadline: float | None = None  # monotonic: when a sync job's timeout runs out
     cancel_deadline: float | None = None  # monotonic: when a cancelled job is stopped hard
+    finished: bool = False  # its function returned or raised
+    abandoned: bool = False  # written off: its thread runs on, holding no slot
+    thread: int | None = None  # sync jobs: the ident of the thread that runs it
+    claimed: float = field(default_factory=time.monotonic)
     outcome_recorded: bool = False
     acked: bool = False  # its success waits in the ack batch
-    started: float = field(default_factory=time.monotonic)
+
+
+_OK, _FAILED = True, False
 
 
 class Worker:
@@ -138,9 +162,12 @@ class Worker:
         max_memory_mb: float | None = None,
         child: bool = False,
         worker_id: str | None = None,
+        prefetch: int | None = None,
     ) -> None:
         if concurrency < 1:
             raise BackroomError(f"concurrency must be at least 1, got {concurrency}")
+        if prefetch is not None and prefetch < 0:
+            raise BackroomError(f"prefetch must be 0 or more jobs, got {prefetch}")
         if lease <= 0:
             raise BackroomError(f"lease must be a positive number of seconds, got {lease}")
         if timeout is not None and timeout <= 0:
@@ -158,12 +185,23 @@ class Worker:
         self.max_jobs = max_jobs
         self.max_memory_mb = max_memory_mb
         self.child = child
+        self.prefetch = prefetch  # jobs claimed beyond the free slots; None: adapts to run time
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{os.urandom(2).hex()}"
         self.started_at = time.time()
         self.jobs_done = 0
         self.exit_code = EXIT_OK
-        self._running: dict[str, _Running] = {}
-        self._acks: list[tuple[Claim, JSON]] = []
+        self._running: dict[str, _Running] = {}  # every job held: waiting for a slot or running
+        self._acks: list[tuple[Claim, JSON, float | None]] = []
+        self._lock = threading.Lock()  # guards _pending, _free and the thread counts
+        self._pending: deque[_Running] = deque()  # claimed ahead, waiting for a slot
+        self._free = concurrency  # slots
+        self._outcomes: deque[tuple[_Running, bool, Any]] = deque()  # from job threads
+        self._outcomes_told = False  # the loop was woken for the outcomes queued now
+        self._jobs: SimpleQueue[_Running] = SimpleQueue()  # sync jobs for the job threads
+        self._thread_count = 0
+        self._thread_limit = concurrency  # grows by one for each thread written off
+        self._mean_run = 0.0  # recent mean run time (s), which sizes the prefetch
+        self._tasks: set[asyncio.Task[Any]] = set()  # outcome recording off the fast path
         self._done: list[str] = []  # finished job ids not yet told to the supervisor
         self._stopping = False
         self._stop_now = False
@@ -171,7 +209,6 @@ class Worker:
         self._abandoned = 0  # jobs written off in a thread or task that would not stop
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
-        self._threads = _JobThreads()
         self._io = ThreadPoolExecutor(1, thread_name_prefix="backroom-broker")
         self._waiter = _JobThreads()  # daemon: a pending wait never holds up the exit
         self._channel = ChildChannel.from_environment() if child else None
@@ -223,6 +260,7 @@ class Worker:
             asyncio.create_task(self._heartbeat(), name="heartbeat"),
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
             asyncio.create_task(self._watch(), name="watch"),
+            asyncio.create_task(self._watchdog(), name="watchdog"),
         ]
         logger.info("worker %s serving queues %s, concurrency %d", self.id,
                     ",".join(self.queues), self.concurrency)  # fmt: skip
@@ -245,27 +283,29 @@ class Worker:
         while not self._stopping:
             self._changed.clear()  # before the work: a wake-up during it is not lost
             try:
+                self._take_outcomes()
                 await self._flush()
-                free = self.concurrency - len(self._running)
-                if self.max_jobs is not None:
-                    free = min(free, self.max_jobs - self.jobs_done - len(self._running))
-                    self._recycle = self._recycle or self.jobs_done >= self.max_jobs
+                want = self._wanted()
                 claims: list[Claim] = []
-                if free > 0 and not self._recycle:
+                if want > 0:
                     claims = await self._call(
-                        self.broker.claim, self.queues, self.id, self.lease, free
+                        self.broker.claim, self.queues, self.id, self.lease, want
                     )
                     if claims:
                         self._report_claims(claims)
-                    for claim in claims:
-                        self._start(claim)
+                        self._admit(claims)
+                self._dispatch()
                 failing = 0.0
-                if claims and len(claims) == free:
+                if claims and len(claims) == want:
                     await asyncio.sleep(0)  # let the new jobs start before claiming again
                     continue
-                if not self._running and (
-                    self._recycle
-                    or (self.burst and not claims and await self._call(self._nothing_left))
+                if self._recycle and len(self._running) == len(self._pending):
+                    break  # nothing runs; the jobs claimed ahead go back at shutdown
+                if (
+                    not self._running
+                    and self.burst
+                    and not claims
+                    and await self._call(self._nothing_left)
                 ):
                     break
             except Exception as exc:  # the broker is down or refuses: keep serving, back off
@@ -286,104 +326,252 @@ class Worker:
                     # claim (Redis publishes only when a queue turns non-empty): claim again
                     # before waiting, or the job sits until the next wait times out
                     continue
-            if self._acks or self._done:
+            if self._acks or self._done or self._outcomes:
                 continue
             await _first(self._changed.wait(), watcher, timeout=1.0)
 
+    def _wanted(self) -> int:
+        """How many jobs to claim now: up to the free slots plus the prefetch, once the jobs
+        claimed ahead are running low (a claim per few jobs, not one per job)."""
+        if self._recycle:
+            return 0
+        prefetch = self._prefetch()
+        room = self.concurrency + prefetch - len(self._running)
+        if self.max_jobs is not None:
+            room = min(room, self.max_jobs - self.jobs_done - len(self._running))
+            self._recycle = self._recycle or self.jobs_done >= self.max_jobs
+        if room <= 0 or len(self._pending) > prefetch // 2:
+            return 0
+        return room
+
+    def _prefetch(self) -> int:
+        if self.prefetch is not None:
+            return self.prefetch
+        if not self._mean_run:
+            return 0  # until jobs here are known to be short: long ones would sit waiting
+        return int(min(PREFETCH_MAX, self.concurrency * PREFETCH_WINDOW_S / self._mean_run))
+
     def _report_claims(self, claims: Sequence[Claim]) -> None:
-        """Tell the supervisor what this child now holds, before any of it runs."""
-        if self._channel is None:
-            return
-        now = time.time()
-        held = []
+        """Tell the supervisor what this child now holds, before any of it runs (a job's
+        timeout deadline follows when it starts)."""
+        if self._channel is not None:
+            self._channel.send("claim", [[claim.id, claim.attempt_id, None] for claim in claims])
+
+    def _admit(self, claims: Sequence[Claim]) -> None:
+        """Check claimed envelopes; the good ones wait for a slot, the others are rejected."""
         for claim in claims:
-            timeout = self._timeout_of(claim.envelope)
-            held.append([claim.id, claim.attempt_id, now + timeout if timeout else None])
-        self._channel.send("claim", held)
-
-    def _start(self, claim: Claim) -> None:
-        entry = _Running(claim)
-        self._running[claim.id] = entry
-        entry.task = asyncio.create_task(self._execute(entry), name=f"job {claim.id}")
-
-    async def _execute(self, entry: _Running) -> None:
-        claim = entry.claim
-        envelope = claim.envelope
-        try:
+            envelope = claim.envelope
             try:
                 spec, arguments = self._check(envelope)
             except _Rejected as rejected:
-                entry.outcome_recorded = True
-                # a secret sent in the wrong type would otherwise be quoted in the reason
-                reason = self.app.redactor.scrub(rejected.reason, envelope.payload) or ""
-                await self._persist(self.broker.reject, claim, reason)
-                logger.warning("rejected job %s (%s): %s", claim.id, envelope.job, reason)
-                self._notify(self.app.reject_hooks, envelope, rejected.error)
-                return
-            context = Context(self.app, claim, spec)
-            entry.context = context
-            call_args = (context,) if spec.takes_context else ()
+                self._spawn(self._reject(claim, rejected))
+                continue
+            entry = _Running(claim, spec, arguments, Context(self.app, claim, spec),
+                             self._timeout_of(envelope))  # fmt: skip
+            self._running[claim.id] = entry
+            self._pending.append(entry)
+
+    async def _reject(self, claim: Claim, rejected: _Rejected) -> None:
+        envelope = claim.envelope
+        # a secret sent in the wrong type would otherwise be quoted in the reason
+        reason = self.app.redactor.scrub(rejected.reason, envelope.payload) or ""
+        await self._persist(self.broker.reject, claim, reason)
+        logger.warning("rejected job %s (%s): %s", claim.id, envelope.job, reason)
+        self._notify(self.app.reject_hooks, envelope, rejected.error)
+        self.jobs_done += 1
+        self._done.append(claim.id)
+
+    def _dispatch(self) -> None:
+        """Start waiting jobs while slots are free: sync ones on the job threads, async ones as
+        tasks on the loop."""
+        if self._stopping or self._recycle:
+            return  # the jobs claimed ahead go back at shutdown
+        started: list[_Running] = []
+        with self._lock:
+            while self._free > 0 and self._pending:
+                started.append(self._pending.popleft())
+                self._free -= 1
+            spawn = min(len(started), self._thread_limit - self._thread_count)
+            self._thread_count += max(0, spawn)
+        for _ in range(spawn):
+            threading.Thread(target=self._job_thread, name="backroom-job", daemon=True).start()
+        for entry in started:
+            if entry.spec.is_async:
+                entry.task = asyncio.create_task(self._execute_async(entry), name=entry.claim.id)
+            else:
+                self._jobs.put(entry)
+
+    # -- sync jobs: on the job threads -----------------------------------------------------------
+    def _job_thread(self) -> None:
+        while True:
+            entry: _Running | None = self._jobs.get()
+            while entry is not None:
+                kind, value = self._run_sync(entry)
+                if self.max_memory_mb is not None:  # after each job, as a leak shows up there
+                    self._check_memory()
+                with self._lock:
+                    if entry.abandoned:  # written off while it ran: its slot went on without it
+                        self._thread_count -= 1
+                        self._thread_limit -= 1
+                        return
+                    after = None
+                    if (
+                        self._pending
+                        and not (self._stopping or self._recycle)
+                        and not self._pending[0].spec.is_async
+                    ):
+                        after = self._pending.popleft()  # the slot passes on, no hop
+                    else:
+                        self._free += 1
+                self._outcomes.append((entry, kind, value))
+                if not self._outcomes_told:
+                    self._outcomes_told = True
+                    self._wake()
+                entry = after
+
+    def _began(self, entry: _Running) -> None:
+        entry.started = time.monotonic()
+        entry.started_at = time.time()
+        if entry.timeout:
+            entry.deadline = entry.started + entry.timeout
+        if self._channel is not None:  # before the job runs: if it crashes us, it is the culprit
+            due = entry.started_at + entry.timeout if entry.timeout else None
+            self._channel.send("start", [[entry.claim.id, due]])
+
+    def _run_sync(self, entry: _Running) -> tuple[bool, Any]:
+        entry.thread = threading.get_ident()
+        self._began(entry)
+        context = entry.context
+        try:
+            if entry.spec.takes_context:
+                result = entry.spec.function(context, **entry.arguments)
+            else:
+                result = entry.spec.function(**entry.arguments)
+            encode_json(result)
+        except BaseException as exc:  # the job's own failure, whatever it raised
+            entry.finished = True
+            return _FAILED, exc
+        entry.finished = True
+        return _OK, result
+
+    # -- async jobs: on the loop -----------------------------------------------------------------
+    async def _execute_async(self, entry: _Running) -> None:
+        self._began(entry)
+        try:
             try:
-                result = await self._invoke(entry, spec, call_args, arguments)
+                result = await self._invoke_async(entry)
                 encode_json(result)
             except BaseException as exc:  # the job's own failure, whatever it raised
                 ours = asyncio.current_task()
                 if isinstance(exc, asyncio.CancelledError) and ours and ours.cancelling():
                     raise  # handed back at shutdown, or stopped hard: the outcome is recorded
-                if entry.outcome_recorded:
-                    return
-                if context.cancelled:
-                    await self._finish_cancelled(entry)
-                else:
-                    entry.outcome_recorded = True
-                    await self._persist(self._record_failure, claim, exc)
-                return
-            if entry.outcome_recorded:
-                return
-            if context.cancelled:  # it saw ctx.cancelled and returned early
-                await self._finish_cancelled(entry)
-                return
-            if envelope.then:
-                await self._persist(self._enqueue_then, envelope, result)
-            entry.acked = entry.outcome_recorded = True
-            self._acks.append((claim, result))
+                self._settle(entry, _FAILED, exc)
+            else:
+                self._settle(entry, _OK, result)
         finally:
-            self._running.pop(claim.id, None)
-            self.jobs_done += 1
-            if self._channel is not None and not entry.acked:
-                self._done.append(claim.id)
-            if self.max_memory_mb is not None:  # after each job, as a leak shows up there
+            entry.finished = True
+            if self.max_memory_mb is not None:
                 self._check_memory()
-            if self._changed is not None:
-                self._changed.set()
+            with self._lock:
+                self._free += 1
+            self._forget(entry)
+            self._dispatch()
 
-    async def _invoke(
-        self, entry: _Running, spec: JobSpec, call_args: tuple[Any, ...], arguments: dict[str, Any]
-    ) -> Any:
-        timeout = self._timeout_of(entry.claim.envelope)
-        job: asyncio.Future[Any]
-        thread: Future[Any] | None = None
-        if spec.is_async:
-            job = asyncio.ensure_future(spec.function(*call_args, **arguments))
-        else:
-            thread = self._threads.submit(spec.function, *call_args, **arguments)
-            job = asyncio.wrap_future(thread)
+    async def _invoke_async(self, entry: _Running) -> Any:
+        call_args = (entry.context,) if entry.spec.takes_context else ()
+        job = asyncio.ensure_future(entry.spec.function(*call_args, **entry.arguments))
         job.add_done_callback(_consume)
         entry.job = job
+        timeout = entry.timeout
         try:
             await asyncio.wait((job,), timeout=timeout)
         except asyncio.CancelledError:
-            job.cancel()  # an async job stops with us; a thread runs on, its outcome ignored
+            job.cancel()  # the job stops with us
             raise
         if job.done():
             return job.result()
         assert timeout is not None
-        job.cancel()
-        if thread is None:  # an async job gets the cancel grace to clean up, as on cancel
-            await asyncio.wait((job,), timeout=self.cancel_grace)
-        if not (job if thread is None else thread).done():
+        job.cancel()  # it gets the cancel grace to clean up, as on cancel
+        await asyncio.wait((job,), timeout=self.cancel_grace)
+        if not job.done():
             self._abandon(entry, f"ran past its timeout of {timeout:g} s")
         raise JobTimeout(f"job exceeded its timeout of {timeout:g} s")
+
+    # -- outcomes --------------------------------------------------------------------------------
+    def _take_outcomes(self) -> None:
+        """The sync jobs' outcomes the threads handed over since last time."""
+        self._outcomes_told = False  # before reading: a later outcome wakes the loop again
+        if not self._outcomes:
+            return
+        while self._outcomes:
+            entry, kind, value = self._outcomes.popleft()
+            self._settle(entry, kind, value)
+            self._forget(entry)
+
+    def _settle(self, entry: _Running, kind: bool, value: Any) -> None:
+        """A job's function returned (kind _OK, its result) or raised (the exception): record
+        it, successes in the next ack batch."""
+        if entry.started is not None:
+            ran = time.monotonic() - entry.started
+            self._mean_run = ran if not self._mean_run else 0.9 * self._mean_run + 0.1 * ran
+        if entry.outcome_recorded:  # timed out, handed back or stopped hard meanwhile
+            return
+        claim = entry.claim
+        if entry.context.cancelled:  # it saw ctx.cancelled and returned (or raised) early
+            self._spawn(self._finish_cancelled(entry), claim.id)
+        elif kind is _FAILED:
+            entry.outcome_recorded = True
+            self._spawn(self._persist(self._record_failure, claim, value), claim.id)
+        elif claim.envelope.then:
+            entry.outcome_recorded = True
+            self._spawn(self._then_and_ack(entry, value))
+        else:
+            entry.acked = entry.outcome_recorded = True
+            self._acks.append((claim, value, entry.started_at))
+
+    async def _then_and_ack(self, entry: _Running, result: JSON) -> None:
+        await self._persist(self._enqueue_then, entry.claim.envelope, result)
+        entry.acked = True
+        self._acks.append((entry.claim, result, entry.started_at))
+        self._wake()
+
+    def _forget(self, entry: _Running) -> None:
+        if self._running.get(entry.claim.id) is entry:
+            del self._running[entry.claim.id]
+            self.jobs_done += 1
+            if self._changed is not None:
+                self._changed.set()
+
+    def _spawn(self, work: Coroutine[Any, Any, Any], done_id: str | None = None) -> None:
+        """Run an outcome's recording as a task (off the fast path); `done_id` is told to the
+        supervisor once it is recorded."""
+
+        async def run() -> None:
+            try:
+                await work
+            finally:
+                if done_id is not None:
+                    self._done.append(done_id)
+                self._wake()
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _write_off(self, entry: _Running, why: str) -> bool:
+        """Give up on a sync job that will not stop (past its timeout, or its cancel grace): it
+        leaves the held jobs, its slot goes to a new thread. False if it has just finished."""
+        with self._lock:
+            if entry.finished or entry.abandoned:
+                return False
+            entry.abandoned = True
+            self._free += 1
+            self._thread_limit += 1
+        entry.outcome_recorded = True
+        self._abandon(entry, why)
+        self._forget(entry)
+        self._dispatch()
+        return True
 
     def _timeout_of(self, envelope: Envelope) -> float | None:
         if envelope.timeout:
@@ -419,13 +607,15 @@ class Worker:
             where = f"field {exc.field!r} " if exc.field else ""
             raise _Rejected(f"invalid payload: {where}{exc.problem}", exc) from None
 
-    def _record_failure(self, claim: Claim, exc: BaseException) -> None:
+    def _record_failure(self, claim: Claim, exc: BaseException, trace: str | None = None) -> None:
         """nack with the job's retry policy: `retrying` with backoff, or `dead` when the attempts
-        are used up; then the hooks. Runs on the broker thread."""
+        are used up; then the hooks. Runs on the broker thread. `trace` stands in for the
+        traceback of an exception that was never raised (a job written off past its timeout)."""
         envelope = claim.envelope
         attempt = envelope.attempt
         scrub = self.app.redactor.scrub  # a secret the job echoed stays out of logs and broker
-        trace = "".join(traceback.format_exception(exc)) if exc.__traceback__ else ""
+        if trace is None:
+            trace = "".join(traceback.format_exception(exc)) if exc.__traceback__ else ""
         failure = Failure(
             type=type(exc).__name__,
             message=scrub(str(exc), envelope.payload) or "",
@@ -479,9 +669,12 @@ class Worker:
         if entry.outcome_recorded:
             return
         entry.outcome_recorded = True
-        record = await self._call(self.broker.get, entry.claim.id)
+        await self._record_cancelled(entry.claim)
+
+    async def _record_cancelled(self, claim: Claim) -> None:
+        record = await self._call(self.broker.get, claim.id)
         reason = (record.reason if record and record.reason else None) or "cancelled"
-        await self._persist(self.broker.finish_cancelled, entry.claim, reason)
+        await self._persist(self.broker.finish_cancelled, claim, reason)
 
     def _abandon(self, entry: _Running, why: str) -> None:
         """Write off a job that will not stop: its outcome is recorded, its thread or task runs
@@ -528,13 +721,13 @@ class Worker:
             except BaseException:
                 self._acks = outcomes + self._acks  # kept for the next flush
                 raise
-            for (claim, _), ok in zip(outcomes, done, strict=True):
+            for (claim, _, _), ok in zip(outcomes, done, strict=True):
                 if not ok:
                     logger.warning("job %s (%s) finished after losing its lease; another worker "
                                    "owns it now, this result was not recorded",
                                    claim.id, claim.envelope.job)  # fmt: skip
             if self._channel is not None:
-                self._done.extend(claim.id for claim, _ in outcomes)
+                self._done.extend(claim.id for claim, _, _ in outcomes)
         if self._done:
             if self._channel is not None:
                 self._channel.send("done", self._done)
@@ -561,13 +754,16 @@ class Worker:
                         entry.cancel_deadline is not None
                         and now > entry.cancel_deadline
                         and not entry.outcome_recorded
-                        and entry.job is not None
-                        and not entry.job.done()  # it has not stopped yet
+                        and not entry.finished  # it has not stopped yet
                     ):
                         entry.cancel_deadline = None
-                        self._abandon(entry, f"ignored its cancel for {self.cancel_grace:g} s")
-                        await self._finish_cancelled(entry)
-                        if entry.task is not None:
+                        why = f"ignored its cancel for {self.cancel_grace:g} s"
+                        if entry.task is None:  # a sync job: its thread is written off
+                            if self._write_off(entry, why):
+                                self._spawn(self._record_cancelled(entry.claim), entry.claim.id)
+                        else:
+                            self._abandon(entry, why)
+                            await self._finish_cancelled(entry)
                             entry.task.cancel()
                 if now - last_renew >= renew_every and running:
                     last_renew = now
@@ -590,13 +786,42 @@ class Worker:
 
     def _request_cancel(self, job_id: str) -> None:
         entry = self._running.get(job_id)
-        if entry is None or entry.context is None or entry.context.cancelled:
+        if entry is None or entry.context.cancelled:
             return
-        entry.context._cancelled.set()
+        entry.context._cancelled = True
+        with self._lock:
+            waiting = entry in self._pending
+            if waiting:
+                self._pending.remove(entry)
+        if waiting:  # claimed ahead, not started: it never runs
+            self._forget(entry)
+            self._spawn(self._finish_cancelled(entry), job_id)
+            return
         logger.info("job %s (%s) was asked to cancel", job_id, entry.claim.envelope.job)
         if isinstance(entry.job, asyncio.Task):
             entry.job.cancel()  # an async job gets task cancellation; a sync one sees the flag
         entry.cancel_deadline = time.monotonic() + self.cancel_grace
+
+    async def _watchdog(self) -> None:
+        """Sync jobs past their timeout: recorded as failed (JobTimeout) and written off, since
+        a thread cannot be stopped (a supervised child is then replaced). Jobs claimed ahead
+        that waited too long for a slot (the jobs before them were slower than the recent ones)
+        go back to the queue for other workers."""
+        while True:
+            await asyncio.sleep(WATCHDOG_S)
+            now = time.monotonic()
+            if self._pending and now - self._pending[0].claimed > PREFETCH_MAX_WAIT_S:
+                await self._hand_back_waiting()
+            for entry in list(self._running.values()):
+                if entry.deadline is None or now <= entry.deadline or entry.task is not None:
+                    continue
+                assert entry.timeout is not None
+                stack = _stack_of(entry.thread)  # where it is stuck, before it moves on
+                if self._write_off(entry, f"ran past its timeout of {entry.timeout:g} s"):
+                    error = JobTimeout(f"job exceeded its timeout of {entry.timeout:g} s")
+                    trace = f"{stack}{type(error).__name__}: {error}\n"
+                    self._spawn(self._persist(self._record_failure, entry.claim, error, trace),
+                                entry.claim.id)  # fmt: skip
 
     async def _housekeeping(self) -> None:
         """Move due jobs to their queues and recover expired leases; fire schedules."""
@@ -644,17 +869,23 @@ class Worker:
 
     # -- shutdown --------------------------------------------------------------------------------
     async def _shutdown(self) -> None:
-        """Let running jobs finish within the grace period, then hand the rest back at once."""
+        """Hand back the jobs claimed ahead at once; let running jobs finish within the grace
+        period, then hand the rest back at once."""
         assert self._changed is not None
+        await self._hand_back_waiting()
         if self._running and not self._stop_now:
             logger.info("stopping: waiting up to %g s for %d running job(s)", self.grace,
                         len(self._running))  # fmt: skip
             deadline = time.monotonic() + self.grace
             while self._running and not self._stop_now and time.monotonic() < deadline:
                 self._changed.clear()
+                self._take_outcomes()
                 with contextlib.suppress(Exception):
                     await self._flush()
+                if not self._running or self._outcomes:
+                    continue
                 await _first(self._changed.wait(), timeout=min(1.0, deadline - time.monotonic()))
+        self._take_outcomes()
         with contextlib.suppress(Exception):
             await self._flush()
         leftover = [e for e in self._running.values() if not e.outcome_recorded]
@@ -669,8 +900,28 @@ class Worker:
         # the rest are recording their outcomes
         await asyncio.gather(
             *(e.task for e in self._running.values() if e.task is not None),
+            *self._tasks,
             return_exceptions=True,
         )
+        with contextlib.suppress(Exception):
+            await self._flush()
+
+    async def _hand_back_waiting(self) -> None:
+        """Release the jobs claimed ahead that have not started (their attempt not counted), and
+        claim ahead no more until new outcomes show jobs are short again."""
+        with self._lock:
+            waiting = list(self._pending)
+            self._pending.clear()
+        if not waiting:
+            return
+        self._mean_run = 0.0
+        for entry in waiting:
+            entry.outcome_recorded = True
+            if self._running.get(entry.claim.id) is entry:
+                del self._running[entry.claim.id]
+        await self._persist(self.broker.release, [e.claim for e in waiting])
+        if self._channel is not None:
+            self._done.extend(e.claim.id for e in waiting)
 
     def _install_signals(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -725,7 +976,7 @@ class Worker:
         return WorkerInfo(
             id=self.id, host=socket.gethostname(), pid=os.getpid(), queues=tuple(self.queues),
             concurrency=self.concurrency, started_at=self.started_at, seen_at=time.time(),
-            current=tuple(self._running),
+            current=tuple(i for i, e in self._running.items() if e.started is not None),
         )  # fmt: skip
 
 
@@ -757,6 +1008,15 @@ def _consume(job: asyncio.Future[Any]) -> None:
     """Mark a job's exception as seen (a job that timed out may fail later, unobserved)."""
     if not job.cancelled():
         job.exception()
+
+
+def _stack_of(thread: int | None) -> str:
+    """The stack of a running thread, as a traceback reads (most recent call last)."""
+    frame = sys._current_frames().get(thread) if thread is not None else None
+    if frame is None:
+        return ""
+    lines = traceback.format_stack(frame)
+    return "Traceback (where the job was when its time ran out):\n" + "".join(lines)
 
 
 def _ignore() -> None:

@@ -400,11 +400,14 @@ def test_the_child_channel_tells_the_supervisor_what_a_child_holds() -> None:
     channel = ChildChannel(writer)
     child = _Child(slot=0, process=None, reader=reader)  # type: ignore[arg-type]
     channel.send("hello", "w1")
-    channel.send("claim", [["a", "att-a", 12.5], ["b", "att-b", None], ["c", "att-c", None]])
+    channel.send("claim", [["a", "att-a", None], ["b", "att-b", None], ["c", "att-c", None]])
+    channel.send("start", [["a", 12.5]])
+    channel.send("start", [["b", None]])
     channel.send("done", ["b"])
     child.read()
     assert child.ready
     assert child.held == {"a": ("att-a", 12.5), "c": ("att-c", None)}
+    assert child.running == {"a"}  # c was claimed ahead and has not started
     channel.send("reset")
     child.read()
     assert child.held == {}
@@ -433,6 +436,24 @@ def test_a_child_that_stops_reading_never_blocks_and_tells_the_supervisor_to_res
     os.close(writer)
 
 
+def test_a_crashed_child_s_started_jobs_fail_and_the_ones_claimed_ahead_go_back() -> None:
+    import subprocess
+    import sys
+
+    from backroom.supervisor import Supervisor
+
+    crashing = subprocess.Popen([sys.executable, "-c", "import os; os.kill(os.getpid(), 11)"])
+    supervisor = Supervisor(["--lease", "60"], 1, burst=False, scheduler=False)
+    child = _Child(slot=0, process=crashing, reader=None)
+    child.held = {"culprit": ("a1", None), "waiting": ("a2", None)}
+    child.running = {"culprit"}
+    supervisor._bury(child, crashing.wait(timeout=30))
+    orphans = {o["id"]: o for o in supervisor._orphans[0]}
+    assert orphans["culprit"]["error"][0] == "WorkerCrashed"
+    assert "signal 11" in orphans["culprit"]["error"][1]
+    assert orphans["waiting"] == {"id": "waiting", "attempt_id": "a2", "release": True}
+
+
 def test_the_supervisor_kills_a_child_frozen_past_a_job_timeout_and_names_the_culprit() -> None:
     import subprocess
     import sys
@@ -446,6 +467,7 @@ def test_the_supervisor_kills_a_child_frozen_past_a_job_timeout_and_names_the_cu
     child.ready = True
     past = time.time() - FROZEN_PAST_DEADLINE_S - 1
     child.held = {"stuck": ("a1", past), "bystander": ("a2", None), "later": ("a3", time.time())}
+    child.running = set(child.held)
     supervisor._watch(child)  # it beats: nothing happens
     assert sleeper.poll() is None
     child.last_beat -= FROZEN_PAST_DEADLINE_S + 1  # silent, with a job overdue

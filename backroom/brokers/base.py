@@ -215,6 +215,14 @@ def finite(value: float) -> float:
     return value if math.isfinite(value) else 0.0
 
 
+Outcome = tuple[Claim, JSON] | tuple[Claim, JSON, float | None]
+
+
+def started_of(outcome: Outcome) -> float | None:
+    """An ack outcome's start time, if the worker gave one."""
+    return outcome[2] if len(outcome) > 2 else None
+
+
 # -- the contract ----------------------------------------------------------------------------
 
 
@@ -261,9 +269,11 @@ class Broker(ABC):
         """Of these running jobs, the ids someone asked to cancel."""
 
     @abstractmethod
-    def ack(self, outcomes: Sequence[tuple[Claim, JSON]], now: float | None = None) -> list[bool]:
-        """Record successes (claim, result) in one step: `succeeded`, result kept. For each:
-        False when the lease was lost (nothing written)."""
+    def ack(self, outcomes: Sequence[Outcome], now: float | None = None) -> list[bool]:
+        """Record successes (claim, result[, started_at]) in one step: `succeeded`, result
+        kept. `started_at` (wall clock) is when the job really started, when that was after its
+        claim (a worker that claims ahead); its run time counts from there. For each: False
+        when the lease was lost (nothing written)."""
 
     @abstractmethod
     def nack(

@@ -33,9 +33,11 @@ from backroom.brokers.base import (
     Failure,
     JobQuery,
     JobRecord,
+    Outcome,
     Stats,
     WorkerInfo,
     reason_category,
+    started_of,
 )
 from backroom.brokers.redis_connect import RedisLink, RedisSettings, describe, parse_url
 from backroom.brokers.redis_scripts import (
@@ -48,7 +50,7 @@ from backroom.brokers.redis_scripts import (
     stats_of,
     unpack,
 )
-from backroom.envelope import FINAL_STATES, JSON, Envelope, State, encode_json
+from backroom.envelope import FINAL_STATES, Envelope, State, encode_json
 from backroom.errors import BadEnvelope, BrokerError, ConfigError
 
 logger = logging.getLogger("backroom")
@@ -298,10 +300,13 @@ class RedisBroker(Broker):
             if running_state(raw) == (True, True)
         }
 
-    def ack(self, outcomes: Sequence[tuple[Claim, JSON]], now: float | None = None) -> list[bool]:
+    def ack(self, outcomes: Sequence[Outcome], now: float | None = None) -> list[bool]:
         if not outcomes:
             return []
-        blob = pack([(c.id, c.attempt_id, encode_json(r).decode()) for c, r in outcomes])
+        blob = pack([
+            (o[0].id, o[0].attempt_id, encode_json(o[1]).decode(), started_of(o) or False)
+            for o in outcomes
+        ])  # fmt: skip
         return [bool(done) for done in self._run("ack", _now(now), _call_id(), blob)]
 
     def nack(

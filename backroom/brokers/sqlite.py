@@ -22,13 +22,15 @@ from backroom.brokers.base import (
     Failure,
     JobQuery,
     JobRecord,
+    Outcome,
     Stats,
     StatsBuilder,
     WorkerInfo,
     bucket_of,
     reason_category,
+    started_of,
 )
-from backroom.envelope import FINAL_STATES, JSON, Envelope, State, decode, encode_json
+from backroom.envelope import FINAL_STATES, Envelope, State, decode, encode_json
 from backroom.errors import BadEnvelope, BrokerError, ConfigError
 
 # Tables: jobs (one row per job; seq orders FIFO and newest-first), tags (tag -> seq), uniques
@@ -481,14 +483,15 @@ class SQLiteBroker(Broker):
             self._free_unique(db, claim.id, ukey, ufor, "finish")
         return True
 
-    def ack(self, outcomes: Sequence[tuple[Claim, JSON]], now: float | None = None) -> list[bool]:
+    def ack(self, outcomes: Sequence[Outcome], now: float | None = None) -> list[bool]:
         now = _now(now)
-        encoded = [(claim, encode_json(result)) for claim, result in outcomes]
+        encoded = [(o[0], encode_json(o[1]), started_of(o)) for o in outcomes]
         done: list[bool] = []
         deltas: Counter[tuple[str, str, str]] = Counter()
         runs: list[tuple[str, str, float]] = []
         with self._tx() as db:
-            for claim, result in encoded:
+            for claim, result, started in encoded:
+                columns: dict[str, Any] = {"started_at": started} if started else {}
                 done.append(
                     self._end(
                         db,
@@ -501,6 +504,7 @@ class SQLiteBroker(Broker):
                         finished_at=now,
                         progress=1.0,
                         reason=None,  # a cancel asked for too late: it succeeded all the same
+                        **columns,
                     )
                 )
             self._count(db, deltas)
