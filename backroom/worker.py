@@ -201,6 +201,7 @@ class Worker:
         self._thread_count = 0
         self._thread_limit = concurrency  # grows by one for each thread written off
         self._mean_run = 0.0  # recent mean run time (s), which sizes the prefetch
+        self._prefetch_paused = False  # after a hand-back, until the next job finishes
         self._tasks: set[asyncio.Task[Any]] = set()  # outcome recording off the fast path
         self._done: list[str] = []  # finished job ids not yet told to the supervisor
         self._stopping = False
@@ -345,6 +346,8 @@ class Worker:
         return room
 
     def _prefetch(self) -> int:
+        if self._prefetch_paused:
+            return 0
         if self.prefetch is not None:
             return self.prefetch
         if not self._mean_run:
@@ -511,6 +514,7 @@ class Worker:
     def _settle(self, entry: _Running, kind: bool, value: Any) -> None:
         """A job's function returned (kind _OK, its result) or raised (the exception): record
         it, successes in the next ack batch."""
+        self._prefetch_paused = False
         if entry.started is not None:
             ran = time.monotonic() - entry.started
             self._mean_run = ran if not self._mean_run else 0.9 * self._mean_run + 0.1 * ran
@@ -914,7 +918,7 @@ class Worker:
             self._pending.clear()
         if not waiting:
             return
-        self._mean_run = 0.0
+        self._mean_run, self._prefetch_paused = 0.0, True
         for entry in waiting:
             entry.outcome_recorded = True
             if self._running.get(entry.claim.id) is entry:

@@ -318,6 +318,56 @@ def test_a_vanished_worker_disappears_once_its_heartbeat_expires(app: backroom.A
     assert app.broker.workers(now=now + WORKER_TTL_S + 1) == []
 
 
+# -- claiming ahead --------------------------------------------------------------------------
+
+
+def _claimed_ahead(app: backroom.App) -> tuple[backroom.Handle, list[backroom.Handle]]:
+    """A job that blocks the only slot, then three that a worker claiming ahead holds."""
+    blocker = app.enqueue("stuck_without_timeout", {"gate": "blocker"})
+    waiting = app.enqueue_many("remember", [{"n": n} for n in range(3)])
+    return blocker, waiting
+
+
+def test_jobs_claimed_ahead_that_wait_too_long_go_back_for_other_workers(
+    app: backroom.App,
+) -> None:
+    blocker, waiting = _claimed_ahead(app)
+    with serving(app, concurrency=1, prefetch=3):
+        wait_until(lambda: [h.status() for h in waiting] == ["running"] * 3, deadline_s=20,
+                   what="the worker to claim the three behind the blocker")  # fmt: skip
+        # about a second later they go back, their attempt uncounted, and are not claimed again
+        wait_until(lambda: [h.status() for h in waiting] == ["queued"] * 3, deadline_s=20,
+                   what="the jobs claimed ahead to go back to the queue")  # fmt: skip
+        assert [r.attempts for r in app.broker.get_many([h.id for h in waiting])] == [0] * 3
+        with serving(app, concurrency=2):  # another worker runs them; the blocker still holds
+            assert [final(h)["state"] for h in waiting] == ["succeeded"] * 3
+        assert blocker.status() == "running"
+        app.gates["blocker"].set()  # type: ignore[attr-defined]
+        assert final(blocker)["state"] == "succeeded"
+
+
+def test_a_stop_hands_back_jobs_claimed_ahead_at_once_and_lets_running_ones_finish(
+    app: backroom.App,
+) -> None:
+    blocker, waiting = _claimed_ahead(app)
+    worker = Worker(app, concurrency=1, prefetch=3, grace=30)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    wait_until(lambda: [h.status() for h in waiting] == ["running"] * 3, deadline_s=20,
+               what="the worker to claim the three behind the blocker")  # fmt: skip
+    worker.stop()
+    wait_until(lambda: [h.status() for h in waiting] == ["queued"] * 3, deadline_s=20,
+               what="the jobs claimed ahead to go back at once")  # fmt: skip
+    assert blocker.status() == "running"  # within its grace period
+    app.gates["blocker"].set()  # type: ignore[attr-defined]
+    thread.join(20)
+    assert not thread.is_alive()
+    assert blocker.status() == "succeeded"
+    records = app.broker.get_many([h.id for h in waiting])
+    assert [(r.state, r.attempts) for r in records if r] == [("queued", 0)] * 3
+    assert app.seen["ran"] == []  # type: ignore[attr-defined]
+
+
 # -- recycling -------------------------------------------------------------------------------
 
 

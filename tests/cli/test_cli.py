@@ -163,6 +163,8 @@ def test_result_of_a_dead_job_names_its_error(url: str) -> None:
         (["cancel", "--app", APP, "nosuchjob"], "no job with id 'nosuchjob'"),
         (["jobs", "--app", APP, "--state", "done"], "--state 'done' is not a job state"),
         (["worker", "--app", APP, "--concurrency", "0"], "'0' must be 1 or more"),
+        (["worker", "--app", APP, "--prefetch", "-1"], "'-1' must be 0 or more"),
+        (["worker", "--app", APP, "--prefetch", "many"], "'many' is not a whole number"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )
