@@ -55,6 +55,8 @@ WATCHDOG_S = 0.05  # how often sync jobs' timeouts are checked
 PREFETCH_WINDOW_S = 0.05  # claim ahead about this much work (by the recent mean run time)
 PREFETCH_MAX = 256
 PREFETCH_MAX_WAIT_S = 1.0  # a job claimed ahead that waited this long goes back to the queue
+GATHER_S = 0.002  # while jobs claimed ahead keep the threads busy, outcomes gather this long
+GATHER_MAX = 64  # ... or until this many wait: one wake-up and one ack per batch
 WORKER_TTL_S = 15.0
 BROKER_RETRY_MAX_S = 5.0
 
@@ -282,6 +284,8 @@ class Worker:
         watcher: asyncio.Future[None] | None = None
         failing = 0.0  # seconds to back off after a broker error
         while not self._stopping:
+            if 0 < len(self._outcomes) < GATHER_MAX and len(self._pending) > self._prefetch() // 2:
+                await asyncio.sleep(GATHER_S)  # the threads are busy: let a batch gather
             self._changed.clear()  # before the work: a wake-up during it is not lost
             try:
                 self._take_outcomes()
