@@ -204,6 +204,8 @@ class Worker:
         self._thread_limit = concurrency  # grows by one for each thread written off
         self._mean_run = 0.0  # recent mean run time (s), which sizes the prefetch
         self._prefetch_paused = False  # after a hand-back, until the next job finishes
+        self._watcher: asyncio.Future[list[Claim]] | None = None  # the waiter thread's wait
+        self._waiter_claims = 0  # how many jobs that wait claims when it ends
         self._tasks: set[asyncio.Task[Any]] = set()  # outcome recording off the fast path
         self._done: list[str] = []  # finished job ids not yet told to the supervisor
         self._stopping = False
@@ -281,7 +283,6 @@ class Worker:
 
     async def _serve(self) -> None:
         assert self._loop is not None and self._changed is not None
-        watcher: asyncio.Future[None] | None = None
         failing = 0.0  # seconds to back off after a broker error
         while not self._stopping:
             if 0 < len(self._outcomes) < GATHER_MAX and len(self._pending) > self._prefetch() // 2:
@@ -292,7 +293,7 @@ class Worker:
                 await self._flush()
                 want = self._wanted()
                 claims: list[Claim] = []
-                if want > 0:
+                if want > 0 and not self._waiter_claims:
                     claims = await self._call(
                         self.broker.claim, self.queues, self.id, self.lease, want
                     )
@@ -319,12 +320,16 @@ class Worker:
                              type(exc).__name__, exc, failing)  # fmt: skip
                 await _first(self._changed.wait(), timeout=failing)
                 continue
+            watcher = self._watcher
             if watcher is None or watcher.done():
                 woke = watcher is not None
-                if watcher is not None and not watcher.cancelled():
-                    watcher.exception()  # a failed wait only means "look again"
-                watcher = asyncio.wrap_future(
-                    self._waiter.submit(self.broker.wait_for_work, self.queues, 1.0)
+                if watcher is not None:
+                    self._take_waiter_claims(watcher)
+                # an idle worker's waiter claims itself as soon as work comes (no hop through
+                # the loop and the broker thread first); a busy worker's loop claims
+                self._waiter_claims = 0 if self._running else max(0, self._room())
+                self._watcher = watcher = asyncio.wrap_future(
+                    self._waiter.submit(self._wait_and_claim, self._waiter_claims)
                 )
                 if woke:
                     # the finished wait may have consumed a wake-up that came after the last
@@ -335,18 +340,48 @@ class Worker:
                 continue
             await _first(self._changed.wait(), watcher, timeout=1.0)
 
+    def _wait_and_claim(self, limit: int) -> list[Claim]:
+        """On the waiter thread: wait for work, then claim up to `limit` jobs at once. It claims
+        before it waits too: a wake-up the last wait consumed may have come after the last
+        claim."""
+        if limit > 0 and not self._stopping:
+            claims = self.broker.claim(self.queues, self.id, self.lease, limit)
+            if claims:
+                return claims
+        self.broker.wait_for_work(self.queues, 1.0)
+        if limit <= 0 or self._stopping:
+            return []
+        return self.broker.claim(self.queues, self.id, self.lease, limit)
+
+    def _take_waiter_claims(self, watcher: asyncio.Future[list[Claim]]) -> list[Claim]:
+        """What a finished wait claimed, admitted (a failed wait only means "look again")."""
+        self._waiter_claims = 0
+        if watcher.cancelled() or watcher.exception() is not None:
+            return []
+        claims = watcher.result()
+        if claims:
+            self._report_claims(claims)
+            self._admit(claims)
+            self._dispatch()
+        return claims
+
     def _wanted(self) -> int:
         """How many jobs to claim now: up to the free slots plus the prefetch, once the jobs
         claimed ahead are running low (a claim per few jobs, not one per job)."""
+        room = self._room()
+        if room <= 0 or len(self._pending) > self._prefetch() // 2:
+            return 0
+        return room
+
+    def _room(self) -> int:
+        """Free slots plus the prefetch, less what is held (within --max-jobs-per-child)."""
+        if self.max_jobs is not None:
+            self._recycle = self._recycle or self.jobs_done >= self.max_jobs
         if self._recycle:
             return 0
-        prefetch = self._prefetch()
-        room = self.concurrency + prefetch - len(self._running)
+        room = self.concurrency + self._prefetch() - len(self._running)
         if self.max_jobs is not None:
             room = min(room, self.max_jobs - self.jobs_done - len(self._running))
-            self._recycle = self._recycle or self.jobs_done >= self.max_jobs
-        if room <= 0 or len(self._pending) > prefetch // 2:
-            return 0
         return room
 
     def _prefetch(self) -> int:
@@ -880,6 +915,11 @@ class Worker:
         """Hand back the jobs claimed ahead at once; let running jobs finish within the grace
         period, then hand the rest back at once."""
         assert self._changed is not None
+        if self._watcher is not None and self._waiter_claims:  # it may be claiming right now
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._watcher), timeout=self.lease)
+            if self._watcher.done():
+                self._take_waiter_claims(self._watcher)  # they wait: handed back just below
         await self._hand_back_waiting()
         if self._running and not self._stop_now:
             logger.info("stopping: waiting up to %g s for %d running job(s)", self.grace,
