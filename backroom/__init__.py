@@ -12,16 +12,20 @@ from backroom.errors import (
     InvalidPayload,
     JobFailed,
     JobNotFound,
+    JobTimeout,
     PayloadTooLarge,
     ResultTimeout,
     SourceNotAllowed,
     UnknownJob,
+    WorkerCrashed,
 )
+from backroom.security import BadSignature
 
 __all__ = [
     "App",
     "BackroomError",
     "BadEnvelope",
+    "BadSignature",
     "BrokerError",
     "ConfigError",
     "Context",
@@ -30,9 +34,11 @@ __all__ = [
     "InvalidPayload",
     "JobFailed",
     "JobNotFound",
+    "JobTimeout",
     "PayloadTooLarge",
     "ResultTimeout",
     "SourceNotAllowed",
     "State",
     "UnknownJob",
+    "WorkerCrashed",
 ]

@@ -88,3 +88,11 @@ class ResultTimeout(BackroomError, TimeoutError):
     def __init__(self, job_id: str, timeout: float, state: str) -> None:
         self.job_id, self.timeout, self.state = job_id, timeout, state
         super().__init__(f"job {job_id} has no result after {timeout:g} s (it is {state})")
+
+
+class JobTimeout(TimeoutError):
+    """A job ran past its timeout."""
+
+
+class WorkerCrashed(Exception):
+    """The process running a job died (os._exit, a segfault, the OOM killer) before it ended."""

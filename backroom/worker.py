@@ -27,17 +27,11 @@ from queue import SimpleQueue
 from typing import Any, TypeVar
 
 from backroom.app import App, Context
-from backroom.brokers.base import Claim, Failure, WorkerInfo
-from backroom.envelope import JSON, Envelope, State, encode_json
-from backroom.errors import (
-    BackroomError,
-    InvalidPayload,
-    PayloadTooLarge,
-    SourceNotAllowed,
-    UnknownJob,
-)
-from backroom.jobs import MAX_BACKOFF_S, JobSpec
-from backroom.security import BadSignature
+from backroom.brokers.base import Claim, WorkerInfo
+from backroom.envelope import JSON, Envelope, encode_json
+from backroom.errors import BackroomError, JobTimeout, WorkerCrashed
+from backroom.jobs import JobSpec
+from backroom.recording import Recorder, Rejected
 from backroom.supervisor import (
     BEAT_S,
     EXIT_RECYCLE,
@@ -61,20 +55,6 @@ WORKER_TTL_S = 15.0
 BROKER_RETRY_MAX_S = 5.0
 
 __all__ = ["EXIT_OK", "EXIT_RECYCLE", "JobTimeout", "Worker", "WorkerCrashed"]
-
-
-class JobTimeout(TimeoutError):
-    """A job ran past its timeout."""
-
-
-class WorkerCrashed(Exception):
-    """The process running a job died (os._exit, a segfault, the OOM killer) before it ended."""
-
-
-class _Rejected(Exception):
-    def __init__(self, reason: str, error: BaseException) -> None:
-        super().__init__(reason)
-        self.reason, self.error = reason, error
 
 
 class _JobThreads:
@@ -214,6 +194,7 @@ class Worker:
         self._abandoned = 0  # jobs written off in a thread or task that would not stop
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
+        self._recorder = Recorder(app, self.broker)
         self._io = ThreadPoolExecutor(1, thread_name_prefix="backroom-broker")
         self._waiter = _JobThreads()  # daemon: a pending wait never holds up the exit
         self._channel = ChildChannel.from_environment() if child else None
@@ -257,7 +238,7 @@ class Worker:
         self._changed = asyncio.Event()
         self._install_signals()
         if self._orphans:
-            await self._call(self._settle_orphans, self._orphans)
+            await self._call(self._recorder.settle_orphans, self._orphans)
         await self._call(self.broker.register_worker, self._info(), WORKER_TTL_S)
         if self._channel is not None:
             self._channel.send("hello", self.id)
@@ -404,8 +385,8 @@ class Worker:
         for claim in claims:
             envelope = claim.envelope
             try:
-                spec, arguments = self._check(envelope)
-            except _Rejected as rejected:
+                spec, arguments = self._recorder.check(envelope)
+            except Rejected as rejected:
                 self._spawn(self._reject(claim, rejected))
                 continue
             entry = _Running(claim, spec, arguments, Context(self.app, claim, spec),
@@ -413,13 +394,13 @@ class Worker:
             self._running[claim.id] = entry
             self._pending.append(entry)
 
-    async def _reject(self, claim: Claim, rejected: _Rejected) -> None:
+    async def _reject(self, claim: Claim, rejected: Rejected) -> None:
         envelope = claim.envelope
         # a secret sent in the wrong type would otherwise be quoted in the reason
         reason = self.app.redactor.scrub(rejected.reason, envelope.payload) or ""
         await self._persist(self.broker.reject, claim, reason)
         logger.warning("rejected job %s (%s): %s", claim.id, envelope.job, reason)
-        self._notify(self.app.reject_hooks, envelope, rejected.error)
+        self._recorder.notify(self.app.reject_hooks, envelope, rejected.error)
         self.jobs_done += 1
         self._done.append(claim.id)
 
@@ -564,7 +545,7 @@ class Worker:
             self._spawn(self._finish_cancelled(entry), claim.id)
         elif kind is _FAILED:
             entry.outcome_recorded = True
-            self._spawn(self._persist(self._record_failure, claim, value), claim.id)
+            self._spawn(self._persist(self._recorder.record_failure, claim, value), claim.id)
         elif claim.envelope.then:
             entry.outcome_recorded = True
             self._spawn(self._then_and_ack(entry, value))
@@ -573,7 +554,7 @@ class Worker:
             self._acks.append((claim, value, entry.started_at))
 
     async def _then_and_ack(self, entry: _Running, result: JSON) -> None:
-        await self._persist(self._enqueue_then, entry.claim.envelope, result)
+        await self._persist(self._recorder.enqueue_then, entry.claim.envelope, result)
         entry.acked = True
         self._acks.append((entry.claim, result, entry.started_at))
         self._wake()
@@ -625,89 +606,6 @@ class Worker:
                 return spec_timeout
         return self.timeout
 
-    def _check(self, envelope: Envelope) -> tuple[JobSpec, dict[str, Any]]:
-        """The worker-side checks of an envelope that got past (or around) a producer."""
-        try:
-            spec = self.app.registry.get(envelope.job)
-        except UnknownJob as exc:
-            reason = f"unknown job: {envelope.job!r} is not registered by this app"
-            raise _Rejected(reason, exc) from None
-        try:
-            self.app.verify(envelope)
-        except BadSignature as exc:
-            raise _Rejected(f"bad signature: {exc}", exc) from None
-        except PayloadTooLarge as exc:
-            raise _Rejected(f"payload too large: {exc}", exc) from None
-        try:
-            spec.check_source(envelope.source)
-        except SourceNotAllowed as exc:
-            allowed = ", ".join(exc.allowed)
-            reason = f"source not allowed: {exc.source!r} may not schedule it (allowed: {allowed})"
-            raise _Rejected(reason, exc) from None
-        try:
-            return spec, spec.arguments(envelope.payload)
-        except InvalidPayload as exc:
-            where = f"field {exc.field!r} " if exc.field else ""
-            raise _Rejected(f"invalid payload: {where}{exc.problem}", exc) from None
-
-    def _record_failure(self, claim: Claim, exc: BaseException, trace: str | None = None) -> None:
-        """nack with the job's retry policy: `retrying` with backoff, or `dead` when the attempts
-        are used up; then the hooks. Runs on the broker thread. `trace` stands in for the
-        traceback of an exception that was never raised (a job written off past its timeout)."""
-        envelope = claim.envelope
-        attempt = envelope.attempt
-        scrub = self.app.redactor.scrub  # a secret the job echoed stays out of logs and broker
-        if trace is None:
-            trace = "".join(traceback.format_exception(exc)) if exc.__traceback__ else ""
-        failure = Failure(
-            type=type(exc).__name__,
-            message=scrub(str(exc), envelope.payload) or "",
-            traceback=scrub(trace, envelope.payload) or "",
-        )
-        retry_at = None
-        if attempt <= envelope.max_retries:
-            retry_at = time.time() + self._backoff_s(envelope.job, attempt)
-        if not self.broker.nack(claim, failure, retry_at):
-            logger.warning("job %s (%s) lost its lease; its failure was not recorded",
-                           claim.id, envelope.job)  # fmt: skip
-            return
-        if retry_at is None:
-            logger.error("job %s (%s) is dead after %d attempts: %s: %s", claim.id, envelope.job,
-                         attempt, failure.type, failure.message)  # fmt: skip
-        else:
-            logger.warning("job %s (%s) failed attempt %d (%s: %s); retrying in %.1f s", claim.id,
-                           envelope.job, attempt, failure.type, failure.message,
-                           retry_at - time.time())  # fmt: skip
-        self._notify(self.app.failure_hooks, envelope, exc)
-        if retry_at is None:
-            self._notify(self.app.dead_hooks, envelope, exc)
-
-    def _backoff_s(self, job: str, attempt: int) -> float:
-        if job in self.app.registry:
-            return self.app.registry.get(job).backoff_s(attempt)
-        return min(MAX_BACKOFF_S, 2.0 ** (attempt - 1))
-
-    def _settle_orphans(self, orphans: Sequence[dict[str, Any]]) -> None:
-        """Fail at once the jobs a dead predecessor held (its supervisor says which and why), or
-        hand back the innocent ones; a claim that moved on since (lease expired, reclaimed) is
-        left alone: its attempt id no longer matches. Runs on the broker thread."""
-        records = self.broker.get_many([str(o["id"]) for o in orphans])
-        released: list[Claim] = []
-        for orphan, record in zip(orphans, records, strict=True):
-            if record is None or record.state != State.RUNNING:
-                continue
-            claim = Claim(record.envelope, 0.0, str(orphan["attempt_id"]))
-            if orphan.get("release"):
-                released.append(claim)
-            elif record.cancel_requested:
-                self.broker.finish_cancelled(claim, record.reason or "cancelled")
-            else:
-                kind, message = orphan.get("error") or ("WorkerCrashed", "its worker process died")
-                error = JobTimeout(message) if kind == "JobTimeout" else WorkerCrashed(message)
-                self._record_failure(claim, error)
-        if released:
-            self.broker.release(released)
-
     async def _finish_cancelled(self, entry: _Running) -> None:
         if entry.outcome_recorded:
             return
@@ -729,31 +627,6 @@ class Worker:
         if self.child:
             self._recycle = True
             self._begin_stop()
-
-    def _enqueue_then(self, envelope: Envelope, result: JSON) -> None:
-        """The follow-up job, enqueued before the ack with a key tied to this job, so a crash in
-        between re-runs the job but never doubles the follow-up."""
-        assert envelope.then is not None
-        follow = self.app.envelope(
-            envelope.then, {"result": result}, source=f"job:{envelope.job}",
-            unique_key=f"then:{envelope.id}", unique_for=7 * 86400.0, tags=envelope.tags,
-        )  # fmt: skip
-        self.broker.enqueue([follow])
-
-    def _notify(self, hooks: Sequence[Callable[[Envelope, BaseException], None]],
-                envelope: Envelope, error: BaseException) -> None:  # fmt: skip
-        """Hooks observe: one that raises is logged and skipped, never changes an outcome."""
-        if not hooks:
-            return
-        redacted = envelope.__class__(**{
-            **{f: getattr(envelope, f) for f in envelope.__struct_fields__},
-            "payload": self.app.redact(envelope.payload),
-        })  # fmt: skip
-        for hook in hooks:
-            try:
-                hook(redacted, error)
-            except Exception:
-                logger.exception("error hook %r raised; ignored", hook)
 
     async def _flush(self) -> None:
         """Record the buffered successes in one broker call; tell the supervisor what is done."""
@@ -863,8 +736,8 @@ class Worker:
                 if self._write_off(entry, f"ran past its timeout of {entry.timeout:g} s"):
                     error = JobTimeout(f"job exceeded its timeout of {entry.timeout:g} s")
                     trace = f"{stack}{type(error).__name__}: {error}\n"
-                    self._spawn(self._persist(self._record_failure, entry.claim, error, trace),
-                                entry.claim.id)  # fmt: skip
+                    record = self._recorder.record_failure
+                    self._spawn(self._persist(record, entry.claim, error, trace), entry.claim.id)
 
     async def _housekeeping(self) -> None:
         """Move due jobs to their queues and recover expired leases; fire schedules."""
