@@ -1,6 +1,7 @@
 -- ack.lua: record successes: running -> succeeded with the result, for many claims in one step.
 -- KEYS[1] P:j. ARGV: now, call id, msgpack array of [job id, attempt id, result JSON].
--- Writes P:j -> P:d:<id> (PX ttl), P:lease, P:s:*, P:f:succeeded, P:u:*, P:c, P:h, P:done:<id>.
+-- Writes P:j -> P:d:<id> (PX ttl), P:lease, P:s:*, P:f:succeeded, P:u:*, P:c, P:h, P:done:<id>,
+-- P:T, P:Tn, P:m:<minute>.
 -- Returns 1 per outcome recorded, 0 where the lease was lost (nothing written). The call id
 -- makes a call repeated after a lost reply report what the first one did.
 local now, call = tonumber(ARGV[1]), ARGV[2]
@@ -12,6 +13,7 @@ for _, outcome in ipairs(cmsgpack.unpack(ARGV[3])) do
     detach(id, r)
     r.r, r.pg, r.rs, r.ak = outcome[3], 1.0, nil, call
     sample(r.j, 'r', now - (r.sa or now))
+    run_tally(r, now - (r.sa or now), now)
     finish(id, r, 'succeeded', now, false)
     reply = 1
   end

@@ -25,6 +25,14 @@
 --   P:h                 HASH    "<job>\0w:<bucket>", "\0wc" count, "\0wt" total and "\0wm" max in
 --                               microseconds (wait); the same with r (run); "\0retry",
 --                               "\0recovery", "\0x:<category>" (rejections by category)
+--   P:T                 HASH    "<tag>\0<kind>" -> n: per tag outcomes, "retry", "j:<job>" and
+--                               the run histogram "r:<bucket>", "rt", "rm" (base.py's
+--                               kinds); tag "" sums the tags past MAX_TAGS
+--   P:Tn                SET     the tags with numbers of their own (at most MAX_TAGS)
+--   P:m:<minute>        HASH    "<job>\0<kind>" -> n for one minute (Unix time // 60); expires
+--                               KEEP_MINUTES after it
+--   P:F                 HASH    "<job>\0<exception type>" -> msgpack [failures, dead, latest id,
+--                               latest message, latest at]; "\0" sums groups past the cap
 --   P:paused            SET     paused queue names
 --   P:fired             HASH    schedule -> last tick granted
 --   P:workers           HASH    worker id -> "<expires_at>\0<info json>"
@@ -117,6 +125,125 @@ local function sample(job, kind, s)  -- kind: 'w' (wait) or 'r' (run)
   if (hmaxes[f .. 'm'] or -1) < us then hmaxes[f .. 'm'] = us end
 end
 
+-- per tag, per minute and per failure type: gathered like the counters, written by flush() ---
+local MAX_TAGS = __MAX_TAGS__
+local KEEP_MINUTES = __KEEP_MINUTES__
+local MAX_FAILURE_GROUPS = __MAX_FAILURE_GROUPS__
+local tallies, tally_maxes, minute_ttls = {}, {}, {}  -- key -> {field -> n}; key -> ttl
+
+local function tally(key, field, n)
+  local t = tallies[key]
+  if t == nil then
+    t = {}
+    tallies[key] = t
+  end
+  t[field] = (t[field] or 0) + n
+end
+
+local function tally_max(key, field, us)
+  local t = tally_maxes[key]
+  if t == nil then
+    t = {}
+    tally_maxes[key] = t
+  end
+  if (t[field] or -1) < us then t[field] = us end
+end
+
+-- The hash of now's minute; it expires once the minute is KEEP_MINUTES old.
+local function k_minute(now)
+  local m = math.floor(now / 60)
+  local key = P .. ':m:' .. string.format('%d', m)
+  if minute_ttls[key] == nil then
+    minute_ttls[key] = math.max(1, math.ceil((m + KEEP_MINUTES + 1) * 60 - now))
+  end
+  return key
+end
+
+-- The field prefix a tag's numbers go under: "<tag>\0" while the tag has (or gets) one of the
+-- MAX_TAGS places, else "\0" (the sum of the rest); false for the empty tag.
+local tag_prefixes, tag_room = {}, nil
+local function tag_prefix(tag)
+  local f = tag_prefixes[tag]
+  if f ~= nil then return f end
+  if type(tag) ~= 'string' or tag == '' then
+    f = false
+  elseif redis.call('SISMEMBER', P .. ':Tn', tag) == 1 then
+    f = tag .. '\0'
+  else
+    if tag_room == nil then tag_room = MAX_TAGS - redis.call('SCARD', P .. ':Tn') end
+    if tag_room > 0 then
+      redis.call('SADD', P .. ':Tn', tag)
+      tag_room = tag_room - 1
+      f = tag .. '\0'
+    else
+      f = '\0'
+    end
+  end
+  tag_prefixes[tag] = f
+  return f
+end
+
+-- An attempt of job r that ran `s` seconds and ended now: its minute's and its tags' histograms.
+local function run_tally(r, s, now)
+  if s ~= s or s < 0 then s = 0 end
+  local us = math.floor(s * 1e6 + 0.5)
+  local b = 'r:' .. bucket_of(s)
+  local key, f = k_minute(now), r.j .. '\0'
+  tally(key, f .. b, 1)
+  tally(key, f .. 'rt', us)
+  tally_max(key, f .. 'rm', us)
+  if type(r.tg) ~= 'table' then return end
+  key = P .. ':T'
+  for _, tag in ipairs(r.tg) do
+    f = tag_prefix(tag)
+    if f then
+      tally(key, f .. b, 1)
+      tally(key, f .. 'rt', us)
+      tally_max(key, f .. 'rm', us)
+    end
+  end
+end
+
+-- Job r ended in final state st (called by finish()).
+local function outcome_tally(r, st, now)
+  if st == 'succeeded' or st == 'dead' or st == 'rejected' then
+    tally(k_minute(now), r.j .. '\0' .. st, 1)
+  end
+  if type(r.tg) ~= 'table' then return end
+  for _, tag in ipairs(r.tg) do
+    local f = tag_prefix(tag)
+    if f then
+      tally(P .. ':T', f .. st, 1)
+      tally(P .. ':T', f .. 'j:' .. r.j, 1)
+    end
+  end
+end
+
+-- A failed attempt of job r that will be retried.
+local function retry_tally(r, now)
+  tally(k_minute(now), r.j .. '\0retry', 1)
+  if type(r.tg) ~= 'table' then return end
+  for _, tag in ipairs(r.tg) do
+    local f = tag_prefix(tag)
+    if f then tally(P .. ':T', f .. 'retry', 1) end
+  end
+end
+
+-- A failed attempt of job `id` (record r): its (job, exception type) group, and the latest.
+local function failure_group(r, id, error_type, message, dead, now)
+  local key, field = P .. ':F', r.j .. '\0' .. error_type
+  local raw = redis.call('HGET', key, field)
+  if not raw and redis.call('HLEN', key) >= MAX_FAILURE_GROUPS then
+    field = '\0'
+    raw = redis.call('HGET', key, field)
+  end
+  local g = raw and cmsgpack.unpack(raw) or {0, 0, '', '', 0}
+  g[1] = g[1] + 1
+  if dead then g[2] = g[2] + 1 end
+  if now >= g[5] then g[3], g[4], g[5] = id, message, now end
+  redis.call('HSET', key, field, cmsgpack.pack(g))
+end
+
 -- Index writes, gathered per key and sent by flush() as one command per key: a batch of jobs
 -- costs one ZADD per index, not one per job. A job changes state at most once per call, so
 -- removals (sent first) and additions never compete for one member. What a script reads back
@@ -154,6 +281,16 @@ local function flush()
     local cur = tonumber(redis.call('HGET', h, f))
     if cur == nil or m > cur then redis.call('HSET', h, f, m) end
   end
+  for key, fields in pairs(tallies) do
+    for f, n in pairs(fields) do redis.call('HINCRBY', key, f, n) end
+  end
+  for key, fields in pairs(tally_maxes) do
+    for f, m in pairs(fields) do
+      local cur = tonumber(redis.call('HGET', key, f))
+      if cur == nil or m > cur then redis.call('HSET', key, f, m) end
+    end
+  end
+  for key, ttl in pairs(minute_ttls) do redis.call('EXPIRE', key, ttl) end
 end
 
 -- unique keys --------------------------------------------------------------------------------
@@ -221,7 +358,8 @@ local function notify(id)
   end
 end
 
--- A live job (already detached) ends in final state `st` at `now`.
+-- A live job (already detached) ends in final state `st` at `now`; its outcome is counted per
+-- tag and per minute (P:T, P:Tn, P:m:<minute>) with the counts.
 local function finish(id, r, st, now, fresh)
   local old = r.st
   r.st = st
@@ -229,6 +367,7 @@ local function finish(id, r, st, now, fresh)
   r.lu = nil
   r.du = nil
   reindex(id, r, old, fresh)
+  outcome_tally(r, st, now)
   if type(r.x) == 'number' then zrem(P .. ':x', id) end
   rpush(P .. ':f:' .. st, id)
   free_unique(id, r, 'finish')
