@@ -365,7 +365,7 @@ class SQLiteBroker(Broker):
         claims: list[Claim] = []
         deltas: Counter[tuple[str, str, str]] = Counter()
         waits: list[tuple[str, str, float]] = []
-        tally = Tally()
+        tally = Tally(now)
         with self._tx() as db:
             # what this connection has seen, so wait_for_work wakes for any commit after it
             seen_version = db.execute("PRAGMA data_version").fetchone()[0]
@@ -383,7 +383,7 @@ class SQLiteBroker(Broker):
                             self._finish_row(db, seq, "cancelled", now, reason="expired")
                             self._free_unique(db, job_id, ukey, ufor, "finish")
                             deltas[(job, q, "cancelled")] += 1
-                            tally.outcome(job, tags_of(raw), "cancelled", now)
+                            tally.outcome(job, tags_of(raw), "cancelled")
                             continue
                         try:
                             env = decode(raw).with_attempt(attempts + 1)
@@ -391,7 +391,7 @@ class SQLiteBroker(Broker):
                             self._finish_row(db, seq, "rejected", now, reason=str(exc))
                             self._event(db, job, f"reject:{reason_category(str(exc))}")
                             deltas[(job, q, "rejected")] += 1
-                            tally.outcome(job, (), "rejected", now)
+                            tally.outcome(job, (), "rejected")
                             continue
                         token = _attempt_token()
                         db.execute(START_RUN, (lease_until, worker_id, token, now, seq))
@@ -403,7 +403,7 @@ class SQLiteBroker(Broker):
                     break
             self._count(db, deltas)
             self._time(db, waits)
-            self._stats.write(db, tally)
+            self._stats.write(db, tally, now)
         with self._local_change:
             self._claim_mark = (seen_version, self._version)
         return claims
@@ -501,7 +501,7 @@ class SQLiteBroker(Broker):
         done: list[bool] = []
         deltas: Counter[tuple[str, str, str]] = Counter()
         runs: list[tuple[str, str, float]] = []
-        tally = Tally()
+        tally = Tally(now)
         with self._tx() as db:
             for claim, result in encoded:
                 ok = self._end(
@@ -519,11 +519,11 @@ class SQLiteBroker(Broker):
                 done.append(ok)
                 if ok:  # _end appended this attempt's (job, "run", seconds) last
                     job, _, run_s = runs[-1]
-                    tally.run(job, claim.envelope.tags, run_s, now)
-                    tally.outcome(job, claim.envelope.tags, "succeeded", now)
+                    tally.run(job, claim.envelope.tags, run_s)
+                    tally.outcome(job, claim.envelope.tags, "succeeded")
             self._count(db, deltas)
             self._time(db, runs)
-            self._stats.write(db, tally)
+            self._stats.write(db, tally, now)
         return done
 
     def nack(
@@ -566,16 +566,16 @@ class SQLiteBroker(Broker):
                 self._count(db, deltas)
                 self._time(db, runs)
                 job, _, run_s = runs[-1]
-                tags, tally = claim.envelope.tags, Tally()
-                tally.run(job, tags, run_s, now)
+                tags, tally = claim.envelope.tags, Tally(now)
+                tally.run(job, tags, run_s)
                 if retry_at is None:
-                    tally.outcome(job, tags, "dead", now)
+                    tally.outcome(job, tags, "dead")
                 elif owned is not None and owned[3]:
-                    tally.outcome(job, tags, "cancelled", now)
+                    tally.outcome(job, tags, "cancelled")
                 else:
-                    tally.retry(job, tags, now)
-                tally.failure(job, claim.id, failure.type, failure.message, retry_at is None, now)
-                self._stats.write(db, tally)
+                    tally.retry(job, tags)
+                tally.failure(job, claim.id, failure.type, failure.message, retry_at is None)
+                self._stats.write(db, tally, now)
         return ok
 
     def reject(self, claim: Claim, reason: str, now: float | None = None) -> bool:
@@ -587,9 +587,9 @@ class SQLiteBroker(Broker):
             if ok:
                 self._count(db, deltas)
                 self._event(db, claim.envelope.job, f"reject:{reason_category(reason)}")
-                tally = Tally()
-                tally.outcome(runs[-1][0], claim.envelope.tags, "rejected", now)
-                self._stats.write(db, tally)
+                tally = Tally(now)
+                tally.outcome(runs[-1][0], claim.envelope.tags, "rejected")
+                self._stats.write(db, tally, now)
         return ok
 
     def finish_cancelled(self, claim: Claim, reason: str, now: float | None = None) -> bool:
@@ -602,16 +602,16 @@ class SQLiteBroker(Broker):
             )
             if ok:
                 self._count(db, deltas)
-                tally = Tally()
-                tally.outcome(runs[-1][0], claim.envelope.tags, "cancelled", now)
-                self._stats.write(db, tally)
+                tally = Tally(now)
+                tally.outcome(runs[-1][0], claim.envelope.tags, "cancelled")
+                self._stats.write(db, tally, now)
         return ok
 
     def release(self, claims: Sequence[Claim], now: float | None = None) -> int:
         now = _now(now)
         deltas: Counter[tuple[str, str, str]] = Counter()
         released = 0
-        tally = Tally()
+        tally = Tally(now)
         with self._tx() as db:
             for claim in claims:
                 row = db.execute(SELECT_OWNED, (claim.id, claim.attempt_id)).fetchone()
@@ -624,12 +624,12 @@ class SQLiteBroker(Broker):
                     self._finish_row(db, seq, "cancelled", now, reason=reason or "cancelled")
                     self._free_unique(db, claim.id, ukey, ufor, "finish")
                     deltas[(job, queue, "cancelled")] += 1
-                    tally.outcome(job, claim.envelope.tags, "cancelled", now)
+                    tally.outcome(job, claim.envelope.tags, "cancelled")
                 else:
                     db.execute(REQUEUE_RELEASED, (now, seq))
                     deltas[(job, queue, "queued")] += 1
             self._count(db, deltas)
-            self._stats.write(db, tally)
+            self._stats.write(db, tally, now)
         return released
 
     def progress(
@@ -661,9 +661,9 @@ class SQLiteBroker(Broker):
             self._finish_row(db, seq, "cancelled", now, reason=reason)
             self._free_unique(db, job_id, ukey, ufor, "finish")
             self._count(db, Counter({(job, queue, state): -1, (job, queue, "cancelled"): 1}))
-            tally = Tally()
-            tally.outcome(job, self._stored_tags(db, seq), "cancelled", now)
-            self._stats.write(db, tally)
+            tally = Tally(now)
+            tally.outcome(job, self._stored_tags(db, seq), "cancelled")
+            self._stats.write(db, tally, now)
             return True
 
     def retry(self, job_id: str, now: float | None = None) -> bool:
@@ -753,7 +753,7 @@ class SQLiteBroker(Broker):
 
     def _expire_waiting(self, now: float, limit: int) -> None:
         deltas: Counter[tuple[str, str, str]] = Counter()
-        tally = Tally()
+        tally = Tally(now)
         with self._tx() as db:
             rows = db.execute(
                 "SELECT seq, id, job, queue, state, unique_key, unique_for FROM jobs "
@@ -766,9 +766,9 @@ class SQLiteBroker(Broker):
                 self._free_unique(db, job_id, ukey, ufor, "finish")
                 deltas[(job, queue, state)] -= 1
                 deltas[(job, queue, "cancelled")] += 1
-                tally.outcome(job, self._stored_tags(db, seq), "cancelled", now)
+                tally.outcome(job, self._stored_tags(db, seq), "cancelled")
             self._count(db, deltas)
-            self._stats.write(db, tally)
+            self._stats.write(db, tally, now)
             db.execute("DELETE FROM uniques WHERE until IS NOT NULL AND until < ?", (now,))
 
     def sweep_expired(self, now: float | None = None, limit: int = 1000) -> list[str]:
@@ -783,7 +783,7 @@ class SQLiteBroker(Broker):
                 return []
         recovered: list[str] = []
         deltas: Counter[tuple[str, str, str]] = Counter()
-        tally = Tally()
+        tally = Tally(now)
         with self._tx() as db:
             rows = db.execute(SELECT_LEASE_EXPIRED, (now, limit)).fetchall()
             for row in rows:
@@ -794,7 +794,7 @@ class SQLiteBroker(Broker):
                     self._finish_row(db, seq, "cancelled", now, reason=why or "cancelled")
                     self._free_unique(db, job_id, ukey, ufor, "finish")
                     deltas[(job, queue, "cancelled")] += 1
-                    tally.outcome(job, self._stored_tags(db, seq), "cancelled", now)
+                    tally.outcome(job, self._stored_tags(db, seq), "cancelled")
                 elif attempts > max_retries:
                     lost = {
                         "type": "LeaseExpired",
@@ -803,8 +803,8 @@ class SQLiteBroker(Broker):
                         "traceback": "",
                     }
                     error = _failure_encoder.encode(lost)
-                    tally.outcome(job, self._stored_tags(db, seq), "dead", now)
-                    tally.failure(job, job_id, lost["type"], lost["message"], True, now)
+                    tally.outcome(job, self._stored_tags(db, seq), "dead")
+                    tally.failure(job, job_id, lost["type"], lost["message"], True)
                     db.execute(
                         "UPDATE jobs SET state = 'dead', finished_at = ?, lease_until = NULL, "
                         "error = ? WHERE seq = ?",
@@ -821,7 +821,7 @@ class SQLiteBroker(Broker):
                     deltas[(job, queue, "queued")] += 1
                 recovered.append(job_id)
             self._count(db, deltas)
-            self._stats.write(db, tally)
+            self._stats.write(db, tally, now)
         return recovered
 
     def fire_once(self, schedule: str, tick: float) -> bool:

@@ -5,11 +5,15 @@ reads. Used by sqlite.py only, inside its transactions; never reads the jobs tab
 from __future__ import annotations
 
 import sqlite3
+from bisect import bisect_left
+from collections import Counter
 from collections.abc import Iterable, Sequence
+from itertools import repeat
 
 import msgspec
 
 from backroom.brokers.base import (
+    BUCKET_BOUNDS,
     FAILURE_MESSAGE_CHARS,
     MAX_FAILURE_GROUPS,
     MAX_KIND,
@@ -19,8 +23,6 @@ from backroom.brokers.base import (
     FailureGroup,
     StatsBuilder,
     TimelinePoint,
-    bucket_of,
-    micros,
     minute_of,
     timeline_minutes,
     timeline_points,
@@ -82,54 +84,76 @@ def _add(counters: dict[tuple[object, ...], int], key: tuple[object, ...], n: in
         counters[key] = counters.get(key, 0) + n
 
 
+def _run_counters(samples: list[float]) -> list[tuple[str, int]]:
+    """A run-time histogram's counters for these samples (seconds): per "r:<bucket>", and "rt"
+    and "rm" in whole microseconds, each sample rounded as the Lua scripts round it."""
+    clamped = [s if s > 0.0 else 0.0 for s in samples]
+    buckets = Counter(map(bisect_left, repeat(BUCKET_BOUNDS), clamped))
+    us = [int(s * 1e6 + 0.5) for s in clamped]
+    return [*((f"r:{b}", n) for b, n in buckets.items()), ("rt", sum(us)), (MAX_KIND, max(us))]
+
+
 class Tally:
-    """One transaction's changes to the per-tag, per-minute and failure-group numbers, gathered
-    in memory; SQLiteStats.write turns them into one upsert per distinct key."""
+    """One broker call's changes to the per-tag, per-minute and failure-group numbers. Its
+    methods only note what happened (they run once per job); SQLiteStats.write adds it up and
+    writes one upsert per distinct key. A call has one `now`, so one minute."""
 
-    __slots__ = ("failures", "latest_minute", "minutes", "tags")
+    __slots__ = ("events", "failures", "minute", "runs")
 
-    def __init__(self) -> None:
-        self.tags: dict[tuple[object, ...], int] = {}  # (tag, kind) -> n
-        self.minutes: dict[tuple[object, ...], int] = {}  # (minute, job, kind) -> n
-        self.failures: list[tuple[str, str, str, str, bool, float]] = []
-        self.latest_minute: int | None = None
+    def __init__(self, now: float) -> None:
+        self.minute = minute_of(now)
+        self.events: list[tuple[str, Sequence[str], str]] = []  # (job, tags, kind)
+        self.runs: list[tuple[str, Sequence[str], float]] = []  # (job, tags, seconds)
+        self.failures: list[tuple[str, str, str, str, bool]] = []
 
-    def _minute(self, now: float) -> int:
-        minute = minute_of(now)
-        if self.latest_minute is None or minute > self.latest_minute:
-            self.latest_minute = minute
-        return minute
-
-    def outcome(self, job: str, tags: Sequence[str], state: str, now: float) -> None:
+    def outcome(self, job: str, tags: Sequence[str], state: str) -> None:
         """A job ended in final `state`."""
-        if state in TIMELINE_KINDS:
-            _add(self.minutes, (self._minute(now), job, state), 1)
-        for tag in tags:
-            if tag:
-                _add(self.tags, (tag, state), 1)
-                _add(self.tags, (tag, "j:" + job), 1)
+        self.events.append((job, tags, state))
 
-    def retry(self, job: str, tags: Sequence[str], now: float) -> None:
+    def retry(self, job: str, tags: Sequence[str]) -> None:
         """A failed attempt that will be retried."""
-        _add(self.minutes, (self._minute(now), job, "retry"), 1)
-        for tag in tags:
-            if tag:
-                _add(self.tags, (tag, "retry"), 1)
+        self.events.append((job, tags, "retry"))
 
-    def run(self, job: str, tags: Sequence[str], seconds: float, now: float) -> None:
+    def run(self, job: str, tags: Sequence[str], seconds: float) -> None:
         """An attempt that ran for `seconds` and ended now (succeeded or failed)."""
-        bucket, us = f"r:{bucket_of(seconds)}", micros(seconds)
-        minute = self._minute(now)
-        for counters, key in ((self.minutes, (minute, job)),
-                              *((self.tags, (tag,)) for tag in tags if tag)):  # fmt: skip
-            _add(counters, (*key, bucket), 1)
-            _add(counters, (*key, "rt"), us)
-            _add(counters, (*key, MAX_KIND), us)
+        self.runs.append((job, tags, seconds))
 
-    def failure(
-        self, job: str, job_id: str, error_type: str, message: str, dead: bool, now: float
-    ) -> None:
-        self.failures.append((job, error_type, job_id, message[:FAILURE_MESSAGE_CHARS], dead, now))
+    def failure(self, job: str, job_id: str, error_type: str, message: str, dead: bool) -> None:
+        self.failures.append((job, error_type, job_id, message[:FAILURE_MESSAGE_CHARS], dead))
+
+    def counters(self) -> tuple[dict[tuple[object, ...], int], dict[tuple[object, ...], int]]:
+        """(minute, job, kind) -> n and (tag, kind) -> n; "rm" holds a maximum, the rest sums.
+        The tags' keys are in the order the tags were first seen (the cap admits them so)."""
+        minutes: dict[tuple[object, ...], int] = {}
+        tags: dict[tuple[object, ...], int] = {}
+        by_job: dict[str, list[float]] = {}
+        by_tag: dict[str, list[float]] = {}
+        for job, job_tags, seconds in self.runs:
+            by_job.setdefault(job, []).append(seconds)
+            for tag in job_tags:
+                if tag:
+                    by_tag.setdefault(tag, []).append(seconds)
+        for job, samples in by_job.items():
+            for kind, n in _run_counters(samples):
+                minutes[(self.minute, job, kind)] = n
+        for tag, samples in by_tag.items():
+            for kind, n in _run_counters(samples):
+                tags[(tag, kind)] = n
+        events = self.events
+        for (job, kind), n in Counter((job, kind) for job, _, kind in events).items():
+            if kind in TIMELINE_KINDS or kind == "retry":
+                minutes[(self.minute, job, kind)] = n
+        tags.update(Counter((tag, kind) for _, job_tags, kind in events for tag in job_tags if tag))
+        tags.update(
+            Counter(
+                (tag, "j:" + job)
+                for job, job_tags, kind in events
+                if kind != "retry"
+                for tag in job_tags
+                if tag
+            )
+        )
+        return minutes, tags
 
 
 class SQLiteStats:
@@ -139,19 +163,22 @@ class SQLiteStats:
     def __init__(self) -> None:
         self._pruned_minute: int | None = None
 
-    def write(self, db: sqlite3.Connection, tally: Tally) -> None:
-        """Inside the caller's transaction: the statements for everything `tally` gathered."""
-        if tally.tags:
-            self._write_tags(db, tally.tags)
-        if tally.minutes:
-            db.executemany(UPSERT_MINUTE, [(*key, n) for key, n in tally.minutes.items()])
-        if tally.latest_minute is not None and tally.latest_minute != self._pruned_minute:
-            db.execute(
-                "DELETE FROM timeline WHERE minute < ?",
-                (tally.latest_minute - TIMELINE_KEEP_MINUTES,),
-            )
-            self._pruned_minute = tally.latest_minute
-        for job, error_type, job_id, message, dead, now in tally.failures:
+    def write(self, db: sqlite3.Connection, tally: Tally, now: float) -> None:
+        """Inside the caller's transaction: the statements for everything `tally` noted."""
+        if not (tally.events or tally.runs or tally.failures):
+            return
+        minutes, tags = tally.counters()
+        if tags:
+            self._write_tags(db, tags)
+        if minutes:
+            db.executemany(UPSERT_MINUTE, [(*key, n) for key, n in minutes.items()])
+            if tally.minute != self._pruned_minute:
+                db.execute(
+                    "DELETE FROM timeline WHERE minute < ?",
+                    (tally.minute - TIMELINE_KEEP_MINUTES,),
+                )
+                self._pruned_minute = tally.minute
+        for job, error_type, job_id, message, dead in tally.failures:
             self._write_failure(db, job, error_type, job_id, message, dead, now)
 
     @staticmethod

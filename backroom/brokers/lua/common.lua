@@ -149,13 +149,17 @@ local function tally_max(key, field, us)
   if (t[field] or -1) < us then t[field] = us end
 end
 
--- The hash of now's minute; it expires once the minute is KEEP_MINUTES old.
+-- The hash of now's minute; it expires once the minute is KEEP_MINUTES old. (A call has one
+-- `now`: the key is worked out once.)
+local minute_at, minute_key = nil, nil
 local function k_minute(now)
+  if now == minute_at then return minute_key end
   local m = math.floor(now / 60)
   local key = P .. ':m:' .. string.format('%d', m)
   if minute_ttls[key] == nil then
     minute_ttls[key] = math.max(1, math.ceil((m + KEEP_MINUTES + 1) * 60 - now))
   end
+  minute_at, minute_key = now, key
   return key
 end
 
