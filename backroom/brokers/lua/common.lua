@@ -126,111 +126,111 @@ local function sample(job, kind, s)  -- kind: 'w' (wait) or 'r' (run)
 end
 
 -- per tag, per minute and per failure type: gathered like the counters, written by flush() ---
+-- One accumulator per job name (for now's minute hash) and per tag prefix (for P:T), updated in
+-- place per job: {b = {[bucket] = n}, t = total us, m = max us (-1: none), n = {[kind] = n},
+-- j = {[job] = finished}}. flush() builds each "<prefix>\0<kind>" field once per batch.
 local MAX_TAGS = __MAX_TAGS__
 local KEEP_MINUTES = __KEEP_MINUTES__
 local MAX_FAILURE_GROUPS = __MAX_FAILURE_GROUPS__
-local tallies, tally_maxes, minute_ttls = {}, {}, {}  -- key -> {field -> n}; key -> ttl
+local job_accs, tag_accs, prefix_accs = {}, {}, {}
+local minute_key, minute_ttl = nil, nil  -- a call has one `now`, so one minute
 
-local function tally(key, field, n)
-  local t = tallies[key]
-  if t == nil then
-    t = {}
-    tallies[key] = t
+local function accumulator() return {b = {}, t = 0, m = -1, n = {}, j = {}} end
+
+-- The accumulator of job r's numbers in now's minute; the minute's hash expires once the minute
+-- is KEEP_MINUTES old.
+local function job_acc(r, now)
+  if minute_key == nil then
+    local m = math.floor(now / 60)
+    minute_key = P .. ':m:' .. string.format('%d', m)
+    minute_ttl = math.max(1, math.ceil((m + KEEP_MINUTES + 1) * 60 - now))
   end
-  t[field] = (t[field] or 0) + n
+  local a = job_accs[r.j]
+  if a == nil then
+    a = accumulator()
+    job_accs[r.j] = a
+  end
+  return a
 end
 
-local function tally_max(key, field, us)
-  local t = tally_maxes[key]
-  if t == nil then
-    t = {}
-    tally_maxes[key] = t
-  end
-  if (t[field] or -1) < us then t[field] = us end
-end
-
--- The hash of now's minute; it expires once the minute is KEEP_MINUTES old. (A call has one
--- `now`: the key is worked out once.)
-local minute_at, minute_key = nil, nil
-local function k_minute(now)
-  if now == minute_at then return minute_key end
-  local m = math.floor(now / 60)
-  local key = P .. ':m:' .. string.format('%d', m)
-  if minute_ttls[key] == nil then
-    minute_ttls[key] = math.max(1, math.ceil((m + KEEP_MINUTES + 1) * 60 - now))
-  end
-  minute_at, minute_key = now, key
-  return key
-end
-
--- The field prefix a tag's numbers go under: "<tag>\0" while the tag has (or gets) one of the
--- MAX_TAGS places, else "\0" (the sum of the rest); false for the empty tag.
-local tag_prefixes, tag_room = {}, nil
-local function tag_prefix(tag)
-  local f = tag_prefixes[tag]
-  if f ~= nil then return f end
-  if type(tag) ~= 'string' or tag == '' then
-    f = false
-  elseif redis.call('SISMEMBER', P .. ':Tn', tag) == 1 then
-    f = tag .. '\0'
-  else
-    if tag_room == nil then tag_room = MAX_TAGS - redis.call('SCARD', P .. ':Tn') end
-    if tag_room > 0 then
-      redis.call('SADD', P .. ':Tn', tag)
-      tag_room = tag_room - 1
-      f = tag .. '\0'
+-- The accumulator of a tag: its own while the tag has (or gets) one of the MAX_TAGS places in
+-- P:Tn, else the one of prefix '' (the sum of the rest); false for the empty tag.
+local tag_room = nil
+local function tag_acc(tag)
+  local a = tag_accs[tag]
+  if a ~= nil then return a end
+  local f = false
+  if type(tag) == 'string' and tag ~= '' then
+    if redis.call('SISMEMBER', P .. ':Tn', tag) == 1 then
+      f = tag
     else
-      f = '\0'
+      if tag_room == nil then tag_room = MAX_TAGS - redis.call('SCARD', P .. ':Tn') end
+      if tag_room > 0 then
+        redis.call('SADD', P .. ':Tn', tag)
+        tag_room = tag_room - 1
+        f = tag
+      else
+        f = ''
+      end
     end
   end
-  tag_prefixes[tag] = f
-  return f
+  a = false
+  if f then
+    a = prefix_accs[f]
+    if a == nil then
+      a = accumulator()
+      prefix_accs[f] = a
+    end
+  end
+  tag_accs[tag] = a
+  return a
 end
 
 -- An attempt of job r that ran `s` seconds and ended now: its minute's and its tags' histograms.
 local function run_tally(r, s, now)
   if s ~= s or s < 0 then s = 0 end
   local us = math.floor(s * 1e6 + 0.5)
-  local b = 'r:' .. bucket_of(s)
-  local key, f = k_minute(now), r.j .. '\0'
-  tally(key, f .. b, 1)
-  tally(key, f .. 'rt', us)
-  tally_max(key, f .. 'rm', us)
+  local b = bucket_of(s)
+  local a = job_acc(r, now)
+  a.b[b] = (a.b[b] or 0) + 1
+  a.t = a.t + us
+  if a.m < us then a.m = us end
   if type(r.tg) ~= 'table' then return end
-  key = P .. ':T'
   for _, tag in ipairs(r.tg) do
-    f = tag_prefix(tag)
-    if f then
-      tally(key, f .. b, 1)
-      tally(key, f .. 'rt', us)
-      tally_max(key, f .. 'rm', us)
+    a = tag_acc(tag)
+    if a then
+      a.b[b] = (a.b[b] or 0) + 1
+      a.t = a.t + us
+      if a.m < us then a.m = us end
     end
   end
 end
 
--- Job r ended in final state st (called by finish()).
+-- Job r ended in final state st (called by finish()); "retry" for a failed attempt retried.
 local function outcome_tally(r, st, now)
-  if st == 'succeeded' or st == 'dead' or st == 'rejected' then
-    tally(k_minute(now), r.j .. '\0' .. st, 1)
+  if st ~= 'cancelled' then
+    local n = job_acc(r, now).n
+    n[st] = (n[st] or 0) + 1
   end
   if type(r.tg) ~= 'table' then return end
   for _, tag in ipairs(r.tg) do
-    local f = tag_prefix(tag)
-    if f then
-      tally(P .. ':T', f .. st, 1)
-      tally(P .. ':T', f .. 'j:' .. r.j, 1)
+    local a = tag_acc(tag)
+    if a then
+      a.n[st] = (a.n[st] or 0) + 1
+      if st ~= 'retry' then a.j[r.j] = (a.j[r.j] or 0) + 1 end
     end
   end
 end
 
--- A failed attempt of job r that will be retried.
-local function retry_tally(r, now)
-  tally(k_minute(now), r.j .. '\0retry', 1)
-  if type(r.tg) ~= 'table' then return end
-  for _, tag in ipairs(r.tg) do
-    local f = tag_prefix(tag)
-    if f then tally(P .. ':T', f .. 'retry', 1) end
+local function flush_accumulator(key, f, a)
+  for b, n in pairs(a.b) do redis.call('HINCRBY', key, f .. 'r:' .. b, n) end
+  if a.m >= 0 then
+    redis.call('HINCRBY', key, f .. 'rt', a.t)
+    local cur = tonumber(redis.call('HGET', key, f .. 'rm'))
+    if cur == nil or a.m > cur then redis.call('HSET', key, f .. 'rm', a.m) end
   end
+  for kind, n in pairs(a.n) do redis.call('HINCRBY', key, f .. kind, n) end
+  for job, n in pairs(a.j) do redis.call('HINCRBY', key, f .. 'j:' .. job, n) end
 end
 
 -- A failed attempt of job `id` (record r): its (job, exception type) group, and the latest.
@@ -285,16 +285,9 @@ local function flush()
     local cur = tonumber(redis.call('HGET', h, f))
     if cur == nil or m > cur then redis.call('HSET', h, f, m) end
   end
-  for key, fields in pairs(tallies) do
-    for f, n in pairs(fields) do redis.call('HINCRBY', key, f, n) end
-  end
-  for key, fields in pairs(tally_maxes) do
-    for f, m in pairs(fields) do
-      local cur = tonumber(redis.call('HGET', key, f))
-      if cur == nil or m > cur then redis.call('HSET', key, f, m) end
-    end
-  end
-  for key, ttl in pairs(minute_ttls) do redis.call('EXPIRE', key, ttl) end
+  for job, a in pairs(job_accs) do flush_accumulator(minute_key, job .. '\0', a) end
+  for f, a in pairs(prefix_accs) do flush_accumulator(P .. ':T', f .. '\0', a) end
+  if minute_key then redis.call('EXPIRE', minute_key, minute_ttl) end
 end
 
 -- unique keys --------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ else
   attach(id, r)
   save_live(id, r)
   event(r.j, 'retry')
-  retry_tally(r, now)
+  outcome_tally(r, 'retry', now)
 end
 failure_group(r, id, ARGV[6], ARGV[9], retry_at == nil, now)
 flush()
