@@ -403,7 +403,7 @@ class SQLiteBroker(Broker):
                     break
             self._count(db, deltas)
             self._time(db, waits)
-            self._stats.write(db, tally, now)
+            self._stats.write(db, tally)
         with self._local_change:
             self._claim_mark = (seen_version, self._version)
         return claims
@@ -523,7 +523,7 @@ class SQLiteBroker(Broker):
                     tally.outcome(job, claim.envelope.tags, "succeeded")
             self._count(db, deltas)
             self._time(db, runs)
-            self._stats.write(db, tally, now)
+            self._stats.write(db, tally)
         return done
 
     def nack(
@@ -575,7 +575,7 @@ class SQLiteBroker(Broker):
                 else:
                     tally.retry(job, tags)
                 tally.failure(job, claim.id, failure.type, failure.message, retry_at is None)
-                self._stats.write(db, tally, now)
+                self._stats.write(db, tally)
         return ok
 
     def reject(self, claim: Claim, reason: str, now: float | None = None) -> bool:
@@ -589,7 +589,7 @@ class SQLiteBroker(Broker):
                 self._event(db, claim.envelope.job, f"reject:{reason_category(reason)}")
                 tally = Tally(now)
                 tally.outcome(runs[-1][0], claim.envelope.tags, "rejected")
-                self._stats.write(db, tally, now)
+                self._stats.write(db, tally)
         return ok
 
     def finish_cancelled(self, claim: Claim, reason: str, now: float | None = None) -> bool:
@@ -604,7 +604,7 @@ class SQLiteBroker(Broker):
                 self._count(db, deltas)
                 tally = Tally(now)
                 tally.outcome(runs[-1][0], claim.envelope.tags, "cancelled")
-                self._stats.write(db, tally, now)
+                self._stats.write(db, tally)
         return ok
 
     def release(self, claims: Sequence[Claim], now: float | None = None) -> int:
@@ -629,7 +629,7 @@ class SQLiteBroker(Broker):
                     db.execute(REQUEUE_RELEASED, (now, seq))
                     deltas[(job, queue, "queued")] += 1
             self._count(db, deltas)
-            self._stats.write(db, tally, now)
+            self._stats.write(db, tally)
         return released
 
     def progress(
@@ -663,7 +663,7 @@ class SQLiteBroker(Broker):
             self._count(db, Counter({(job, queue, state): -1, (job, queue, "cancelled"): 1}))
             tally = Tally(now)
             tally.outcome(job, self._stored_tags(db, seq), "cancelled")
-            self._stats.write(db, tally, now)
+            self._stats.write(db, tally)
             return True
 
     def retry(self, job_id: str, now: float | None = None) -> bool:
@@ -768,7 +768,7 @@ class SQLiteBroker(Broker):
                 deltas[(job, queue, "cancelled")] += 1
                 tally.outcome(job, self._stored_tags(db, seq), "cancelled")
             self._count(db, deltas)
-            self._stats.write(db, tally, now)
+            self._stats.write(db, tally)
             db.execute("DELETE FROM uniques WHERE until IS NOT NULL AND until < ?", (now,))
 
     def sweep_expired(self, now: float | None = None, limit: int = 1000) -> list[str]:
@@ -821,7 +821,7 @@ class SQLiteBroker(Broker):
                     deltas[(job, queue, "queued")] += 1
                 recovered.append(job_id)
             self._count(db, deltas)
-            self._stats.write(db, tally, now)
+            self._stats.write(db, tally)
         return recovered
 
     def fire_once(self, schedule: str, tick: float) -> bool:

@@ -98,10 +98,10 @@ class Tally:
     methods only note what happened (they run once per job); SQLiteStats.write adds it up and
     writes one upsert per distinct key. A call has one `now`, so one minute."""
 
-    __slots__ = ("events", "failures", "minute", "runs")
+    __slots__ = ("events", "failures", "minute", "now", "runs")
 
     def __init__(self, now: float) -> None:
-        self.minute = minute_of(now)
+        self.now, self.minute = now, minute_of(now)
         self.events: list[tuple[str, Sequence[str], str]] = []  # (job, tags, kind)
         self.runs: list[tuple[str, Sequence[str], float]] = []  # (job, tags, seconds)
         self.failures: list[tuple[str, str, str, str, bool]] = []
@@ -163,7 +163,7 @@ class SQLiteStats:
     def __init__(self) -> None:
         self._pruned_minute: int | None = None
 
-    def write(self, db: sqlite3.Connection, tally: Tally, now: float) -> None:
+    def write(self, db: sqlite3.Connection, tally: Tally) -> None:
         """Inside the caller's transaction: the statements for everything `tally` noted."""
         if not (tally.events or tally.runs or tally.failures):
             return
@@ -179,7 +179,7 @@ class SQLiteStats:
                 )
                 self._pruned_minute = tally.minute
         for job, error_type, job_id, message, dead in tally.failures:
-            self._write_failure(db, job, error_type, job_id, message, dead, now)
+            self._write_failure(db, job, error_type, job_id, message, dead, tally.now)
 
     @staticmethod
     def _write_tags(db: sqlite3.Connection, counters: dict[tuple[object, ...], int]) -> None:
