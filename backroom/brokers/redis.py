@@ -39,7 +39,6 @@ from backroom.brokers.base import (
     TimelinePoint,
     WorkerInfo,
     reason_category,
-    timeline_minutes,
 )
 from backroom.brokers.redis_connect import RedisLink, RedisSettings, describe, parse_url
 from backroom.brokers.redis_scripts import (
@@ -474,18 +473,18 @@ class RedisBroker(Broker):
 
     def timeline(self, since: float, now: float | None = None) -> list[TimelinePoint]:
         """One HGETALL per minute (at most TIMELINE_KEEP_MINUTES + 1), in one round trip."""
-        minutes = timeline_minutes(since, _now(now))
-        if not minutes:
-            return []
 
-        def read() -> list[Any]:
-            with self._client.pipeline(transaction=False) as pipe:
-                for minute in minutes:
-                    pipe.hgetall(self._key("m", str(minute)))
-                result: list[Any] = pipe.execute()
-                return result
+        def read(minutes: Sequence[int]) -> list[Any]:
+            def pipelined() -> list[Any]:
+                with self._client.pipeline(transaction=False) as pipe:
+                    for minute in minutes:
+                        pipe.hgetall(self._key("m", str(minute)))
+                    result: list[Any] = pipe.execute()
+                    return result
 
-        return timeline_of(minutes, self._link.call(read))
+            return self._link.call(pipelined)
+
+        return timeline_of(since, _now(now), read)
 
     def failure_groups(self, limit: int = 100) -> list[FailureGroup]:
         groups = self._link.call(lambda: self._client.hgetall(self._key("F")))

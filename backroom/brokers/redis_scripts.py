@@ -4,7 +4,7 @@ lua/common.lua), and turning stored bytes into records and stats. No connection 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -21,6 +21,7 @@ from backroom.brokers.base import (
     Stats,
     StatsBuilder,
     TimelinePoint,
+    timeline_minutes,
     timeline_points,
 )
 from backroom.envelope import Envelope, State, decode
@@ -284,11 +285,15 @@ def stats_of(
 
 
 def timeline_of(
-    minutes: Sequence[int], hashes: Sequence[Mapping[bytes, bytes]]
+    since: float, now: float, read: Callable[[Sequence[int]], Sequence[Mapping[bytes, bytes]]]
 ) -> list[TimelinePoint]:
-    """Points from the P:m:<minute> hashes ("job\\0kind" -> n) of these minutes."""
+    """The timeline from the P:m:<minute> hashes ("job\\0kind" -> n) of the minutes it covers,
+    which `read` returns in the order given."""
+    minutes = timeline_minutes(since, now)
+    if not minutes:
+        return []
     rows = []
-    for minute, fields in zip(minutes, hashes, strict=True):
+    for minute, fields in zip(minutes, read(minutes), strict=True):
         for field, value in fields.items():
             job, _, kind = field.decode().rpartition("\0")
             rows.append((minute, job, kind, int(value)))

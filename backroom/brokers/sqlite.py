@@ -501,29 +501,27 @@ class SQLiteBroker(Broker):
         done: list[bool] = []
         deltas: Counter[tuple[str, str, str]] = Counter()
         runs: list[tuple[str, str, float]] = []
-        tally = Tally(now)
         with self._tx() as db:
             for claim, result in encoded:
-                ok = self._end(
-                    db,
-                    claim,
-                    "succeeded",
-                    now,
-                    deltas,
-                    runs,
-                    result=result,
-                    finished_at=now,
-                    progress=1.0,
-                    reason=None,  # a cancel asked for too late: it succeeded all the same
+                done.append(
+                    self._end(
+                        db,
+                        claim,
+                        "succeeded",
+                        now,
+                        deltas,
+                        runs,
+                        result=result,
+                        finished_at=now,
+                        progress=1.0,
+                        reason=None,  # a cancel asked for too late: it succeeded all the same
+                    )
                 )
-                done.append(ok)
-                if ok:  # _end appended this attempt's (job, "run", seconds) last
-                    job, _, run_s = runs[-1]
-                    tally.run(job, claim.envelope.tags, run_s)
-                    tally.outcome(job, claim.envelope.tags, "succeeded")
             self._count(db, deltas)
             self._time(db, runs)
-            self._stats.write(db, tally)
+            # _end appended one (job, "run", seconds) per claim it recorded, in order
+            acked = [outcome[0] for outcome, ok in zip(outcomes, done, strict=True) if ok]
+            self._stats.write(db, Tally.of_acks(now, acked, runs))
         return done
 
     def nack(

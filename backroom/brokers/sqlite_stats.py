@@ -20,6 +20,7 @@ from backroom.brokers.base import (
     MAX_TAGS,
     TIMELINE_KEEP_MINUTES,
     TIMELINE_KINDS,
+    Claim,
     FailureGroup,
     StatsBuilder,
     TimelinePoint,
@@ -117,6 +118,17 @@ class Tally:
     def run(self, job: str, tags: Sequence[str], seconds: float) -> None:
         """An attempt that ran for `seconds` and ended now (succeeded or failed)."""
         self.runs.append((job, tags, seconds))
+
+    @classmethod
+    def of_acks(
+        cls, now: float, claims: Sequence[Claim], runs: Sequence[tuple[str, str, float]]
+    ) -> Tally:
+        """Successes: each claim with its (job, "run", seconds) sample, in the same order."""
+        tally = cls(now)
+        for claim, (job, _, seconds) in zip(claims, runs, strict=True):
+            tally.runs.append((job, claim.envelope.tags, seconds))
+            tally.events.append((job, claim.envelope.tags, "succeeded"))
+        return tally
 
     def failure(self, job: str, job_id: str, error_type: str, message: str, dead: bool) -> None:
         self.failures.append((job, error_type, job_id, message[:FAILURE_MESSAGE_CHARS], dead))

@@ -1,7 +1,6 @@
 -- ack.lua: record successes: running -> succeeded with the result, for many claims in one step.
 -- KEYS[1] P:j. ARGV: now, call id, msgpack array of [job id, attempt id, result JSON].
--- Writes P:j -> P:d:<id> (PX ttl), P:lease, P:s:*, P:f:succeeded, P:u:*, P:c, P:h, P:done:<id>,
--- P:T, P:Tn, P:m:<minute>.
+-- Writes P:j -> P:d:<id> (PX ttl), P:lease, P:s:*, P:f:succeeded, P:u:*, P:c, P:h, P:done:<id>.
 -- Returns 1 per outcome recorded, 0 where the lease was lost (nothing written). The call id
 -- makes a call repeated after a lost reply report what the first one did.
 local now, call = tonumber(ARGV[1]), ARGV[2]
