@@ -16,6 +16,7 @@ from urllib.parse import unquote, urlsplit
 
 import msgspec
 
+from backroom.brokers import sqlite_stats
 from backroom.brokers.base import (
     Broker,
     Claim,
@@ -30,7 +31,6 @@ from backroom.brokers.base import (
     bucket_of,
     reason_category,
 )
-from backroom.brokers.sqlite_stats import STATS_SCHEMA, STATS_TABLES, SQLiteStats, Tally, tags_of
 from backroom.envelope import FINAL_STATES, JSON, Envelope, State, decode, encode_json
 from backroom.errors import BadEnvelope, BrokerError, ConfigError
 
@@ -147,7 +147,7 @@ class SQLiteBroker(Broker):
         self._local_change = threading.Condition(threading.Lock())
         self._claim_mark: tuple[int, int] | None = None
         self._version = 0  # bumped on local commits; wakes local waiters
-        self._stats = SQLiteStats()  # per tag, per minute, per failure type (sqlite_stats.py)
+        self._stats = sqlite_stats.SQLiteStats()  # per tag, per minute, per failure type
         try:
             if path != ":memory:":
                 parent = os.path.dirname(os.path.abspath(path))
@@ -183,7 +183,7 @@ class SQLiteBroker(Broker):
     def _create_schema(self) -> None:
         with self._lock:
             # executescript commits on its own; each CREATE is idempotent.
-            self._retry_busy(lambda: self._db.executescript(SCHEMA + STATS_SCHEMA))
+            self._retry_busy(lambda: self._db.executescript(SCHEMA + sqlite_stats.STATS_SCHEMA))
 
     def _retry_busy(self, fn: Any) -> Any:
         for attempt in range(MAX_BUSY_RETRIES):
@@ -278,7 +278,7 @@ class SQLiteBroker(Broker):
     def _stored_tags(db: sqlite3.Connection, seq: int) -> tuple[str, ...]:
         """The tags of a job whose envelope was not read (cancel, expiry, sweep: rare paths)."""
         row = db.execute("SELECT envelope FROM jobs WHERE seq = ?", (seq,)).fetchone()
-        return () if row is None else tags_of(row[0])
+        return () if row is None else sqlite_stats.tags_of(row[0])
 
     @staticmethod
     def _free_unique(
@@ -365,7 +365,7 @@ class SQLiteBroker(Broker):
         claims: list[Claim] = []
         deltas: Counter[tuple[str, str, str]] = Counter()
         waits: list[tuple[str, str, float]] = []
-        tally = Tally(now)
+        tally = sqlite_stats.Tally(now)
         with self._tx() as db:
             # what this connection has seen, so wait_for_work wakes for any commit after it
             seen_version = db.execute("PRAGMA data_version").fetchone()[0]
@@ -383,7 +383,7 @@ class SQLiteBroker(Broker):
                             self._finish_row(db, seq, "cancelled", now, reason="expired")
                             self._free_unique(db, job_id, ukey, ufor, "finish")
                             deltas[(job, q, "cancelled")] += 1
-                            tally.outcome(job, tags_of(raw), "cancelled")
+                            tally.outcome(job, sqlite_stats.tags_of(raw), "cancelled")
                             continue
                         try:
                             env = decode(raw).with_attempt(attempts + 1)
@@ -521,7 +521,7 @@ class SQLiteBroker(Broker):
             self._time(db, runs)
             # _end appended one (job, "run", seconds) per claim it recorded, in order
             acked = [outcome[0] for outcome, ok in zip(outcomes, done, strict=True) if ok]
-            self._stats.write(db, Tally.of_acks(now, acked, runs))
+            self._stats.write(db, sqlite_stats.Tally.of_acks(now, acked, runs))
         return done
 
     def nack(
@@ -564,7 +564,7 @@ class SQLiteBroker(Broker):
                 self._count(db, deltas)
                 self._time(db, runs)
                 job, _, run_s = runs[-1]
-                tags, tally = claim.envelope.tags, Tally(now)
+                tags, tally = claim.envelope.tags, sqlite_stats.Tally(now)
                 tally.run(job, tags, run_s)
                 if retry_at is None:
                     tally.outcome(job, tags, "dead")
@@ -585,7 +585,7 @@ class SQLiteBroker(Broker):
             if ok:
                 self._count(db, deltas)
                 self._event(db, claim.envelope.job, f"reject:{reason_category(reason)}")
-                tally = Tally(now)
+                tally = sqlite_stats.Tally(now)
                 tally.outcome(runs[-1][0], claim.envelope.tags, "rejected")
                 self._stats.write(db, tally)
         return ok
@@ -600,7 +600,7 @@ class SQLiteBroker(Broker):
             )
             if ok:
                 self._count(db, deltas)
-                tally = Tally(now)
+                tally = sqlite_stats.Tally(now)
                 tally.outcome(runs[-1][0], claim.envelope.tags, "cancelled")
                 self._stats.write(db, tally)
         return ok
@@ -609,7 +609,7 @@ class SQLiteBroker(Broker):
         now = _now(now)
         deltas: Counter[tuple[str, str, str]] = Counter()
         released = 0
-        tally = Tally(now)
+        tally = sqlite_stats.Tally(now)
         with self._tx() as db:
             for claim in claims:
                 row = db.execute(SELECT_OWNED, (claim.id, claim.attempt_id)).fetchone()
@@ -659,7 +659,7 @@ class SQLiteBroker(Broker):
             self._finish_row(db, seq, "cancelled", now, reason=reason)
             self._free_unique(db, job_id, ukey, ufor, "finish")
             self._count(db, Counter({(job, queue, state): -1, (job, queue, "cancelled"): 1}))
-            tally = Tally(now)
+            tally = sqlite_stats.Tally(now)
             tally.outcome(job, self._stored_tags(db, seq), "cancelled")
             self._stats.write(db, tally)
             return True
@@ -751,7 +751,7 @@ class SQLiteBroker(Broker):
 
     def _expire_waiting(self, now: float, limit: int) -> None:
         deltas: Counter[tuple[str, str, str]] = Counter()
-        tally = Tally(now)
+        tally = sqlite_stats.Tally(now)
         with self._tx() as db:
             rows = db.execute(
                 "SELECT seq, id, job, queue, state, unique_key, unique_for FROM jobs "
@@ -781,7 +781,7 @@ class SQLiteBroker(Broker):
                 return []
         recovered: list[str] = []
         deltas: Counter[tuple[str, str, str]] = Counter()
-        tally = Tally(now)
+        tally = sqlite_stats.Tally(now)
         with self._tx() as db:
             rows = db.execute(SELECT_LEASE_EXPIRED, (now, limit)).fetchall()
             for row in rows:
@@ -984,7 +984,7 @@ class SQLiteBroker(Broker):
                 "paused",
                 "schedules",
                 "workers",
-                *STATS_TABLES,
+                *sqlite_stats.STATS_TABLES,
             ):
                 db.execute(f"DELETE FROM {table}")
 
