@@ -188,10 +188,11 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from backroom import terminal
-    from backroom.reporting import stats_summary
+    from backroom.reporting import stats_summary, tag_report
 
     app = load_app(args.app, args.url)
     summary = stats_summary(app)
+    summary.update(tag_report(app))
     if args.json:
         _print_json(summary)
     else:
@@ -343,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--limit", type=_positive_int, default=50)
     sub.add_argument("--json", action="store_true")
 
-    sub = command("stats", cmd_stats, "per job name: counts by state, run and wait times")
+    sub = command("stats", cmd_stats, "per job name and tag: counts, run and wait times")
     sub.add_argument("--json", action="store_true")
 
     sub = command("registry", cmd_registry, "every job: queue, sources, retries, payload schema")

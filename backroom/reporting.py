@@ -1,15 +1,23 @@
-"""Reporting: the per-job-name summary every view shares (CLI stats, the demo, the HTTP API,
-Prometheus), built from the broker's counters, so it covers every worker on every host."""
+"""Reporting: the summaries every view shares (CLI stats, the demo, the HTTP API, the dashboard):
+per job name, per tag, per minute and per failure type, all built from the broker's counters, so
+they cover every worker on every host, and cost the same with a thousand jobs or a million."""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from backroom.brokers.base import Histogram, JobQuery, JobRecord, JobStats, Stats
-from backroom.envelope import State
+from backroom.brokers.base import (
+    MAX_FAILURE_GROUPS,
+    MAX_TAGS,
+    OUTCOME_KINDS,
+    TIMELINE_STEP_S,
+    Histogram,
+    JobStats,
+    TagStats,
+    minute_of,
+)
 
 if TYPE_CHECKING:
     from backroom.app import App
@@ -63,141 +71,76 @@ def stats_summary(app: App) -> dict[str, Any]:
     }
 
 
-# -- views built from bounded, indexed reads of recent jobs -------------------------------------
-# The broker keeps counters per job name, not per tag or per minute. These views read the newest
-# jobs page by page (JobQuery is served by an index) and stop at a fixed cap, so they cost the
-# same with a thousand jobs or a million; each says how much it saw ("sampled", "complete").
+# -- per tag, per minute, per failure type: the broker's own bounded numbers -------------------
 
-TAG_BUDGET = 1500  # jobs read for the per-tag view, shared out between job names
-TAG_MIN_PER_JOB = 20
-MAX_TAGS = 50
-FAILURE_SAMPLE = 500  # dead and retrying jobs read for the failure groups
-ACTIVITY_BUDGET = 6000  # jobs read for the last-hour charts, shared out between job names
-ACTIVITY_PER_JOB = 2000  # ... at most this many per name
-ACTIVITY_MIN_PER_JOB = 100  # ... and at least this many
-ACTIVITY_PAGE = 500
-MAX_NAMES = 200  # job names the sampled views read (registered names first)
+TAG_ROWS = 100  # tags listed by tag_report, the busiest first
+FAILURE_GROUPS = 50  # groups listed by failure_groups, the most failures first
 
 
-def quantile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank q-quantile of the values; None when there are none."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
-
-
-def _run_time(record: JobRecord) -> float | None:
-    if record.started_at and record.finished_at and record.state in (State.SUCCEEDED, State.DEAD):
-        return max(0.0, record.finished_at - record.started_at)
-    return None
-
-
-def job_names(app: App, stats: Stats | None = None) -> list[str]:
-    """Registered names, then any other name the broker has counted, at most MAX_NAMES."""
-    seen = (stats or app.broker.stats()).jobs
-    registered = list(app.registry.names())
-    others = sorted(set(seen) - set(registered))
-    return (registered + others)[:MAX_NAMES]
-
-
-def tag_summaries(
-    app: App, budget: int = TAG_BUDGET, limit: int = MAX_TAGS
-) -> list[dict[str, Any]]:
-    """Per tag: counts by state, run-time p50/p95/max and failure rate, over the newest jobs of
-    every job name (the budget shared out between names: one read per name on the broker's
-    job-name index, so a busy job never hides the tags of a quiet one). `sampled` says how
-    many jobs with the tag were seen; `complete` is True when that was every one of them (the
-    counts are then exact). Tags the registry or schedules declare are listed even unseen."""
-    names = job_names(app)
-    per_job = max(TAG_MIN_PER_JOB, budget // max(1, len(names)))
-    seen: dict[str, dict[str, Any]] = {}
-
-    def entry(tag: str) -> dict[str, Any]:
-        return seen.setdefault(
-            tag,
-            {
-                "counts": dict.fromkeys(STATE_ORDER, 0),
-                "runs": [],
-                "jobs": set(),
-                "sampled": 0,
-                "complete": True,
-            },
-        )
-
-    for spec in app.registry:
-        for tag in spec.tags:
-            entry(tag)
-    for schedule in app.schedules.values():
-        for tag in schedule.tags:
-            entry(tag)
-    for name in names:
-        records = app.broker.jobs(JobQuery(job=name, limit=per_job))
-        truncated = len(records) == per_job
-        for record in records:
-            run = _run_time(record)
-            for tag in record.envelope.tags:
-                e = entry(tag)
-                e["counts"][str(record.state)] = e["counts"].get(str(record.state), 0) + 1
-                e["jobs"].add(record.job)
-                e["sampled"] += 1
-                e["complete"] = e["complete"] and not truncated
-                if run is not None:
-                    e["runs"].append(run)
-    busiest = sorted(seen, key=lambda tag: (-seen[tag]["sampled"], tag))[:limit]
-    result = []
-    for tag in sorted(busiest):
-        e = seen[tag]
-        counts, runs = e["counts"], e["runs"]
-        finished = counts["succeeded"] + counts["dead"]
-        result.append(
-            {
-                "tag": tag,
-                "counts": counts,
-                "sampled": e["sampled"],
-                "complete": e["complete"],
-                "run_time": {
-                    "p50": quantile(runs, 0.5),
-                    "p95": quantile(runs, 0.95),
-                    "max": max(runs) if runs else None,
-                },
-                "failure_rate": counts["dead"] / finished if finished else 0.0,
-                "jobs": sorted(e["jobs"]),
-            }
-        )
-    return result
-
-
-def failure_groups(app: App, sample: int = FAILURE_SAMPLE) -> dict[str, Any]:
-    """Failures grouped by job name and exception type, from the newest `sample` dead and
-    `sample` retrying jobs: a count per state, and the latest occurrence with its traceback.
-    `dead_total` per job name is exact (the broker's counters); rejections come by reason."""
-    groups: dict[tuple[str, str], dict[str, Any]] = {}
-    for state in (State.DEAD, State.RETRYING):
-        for record in app.broker.jobs(JobQuery(state=state, limit=sample)):  # newest first
-            error_type = record.error.type if record.error else "(no error recorded)"
-            group = groups.get((record.job, error_type))
-            if group is None:
-                group = groups[(record.job, error_type)] = {
-                    "job": record.job, "type": error_type, "dead": 0, "retrying": 0,
-                    "latest": None,
-                }  # fmt: skip
-            group[str(state)] += 1
-            moment = record.finished_at or record.started_at or record.created_at
-            if group["latest"] is None or moment > group["latest"]["at"]:
-                group["latest"] = {
-                    "id": record.id,
-                    "at": moment,
-                    "state": str(state),
-                    "message": record.error.message if record.error else record.reason,
-                    "traceback": record.error.traceback if record.error else "",
-                }
-    stats = app.broker.stats()
-    ordered = sorted(groups.values(), key=lambda g: (-(g["dead"] + g["retrying"]), g["job"]))
+def tag_summary(stats: TagStats) -> dict[str, Any]:
+    counts = {kind: stats.counts.get(kind, 0) for kind in OUTCOME_KINDS}
+    finished = counts["succeeded"] + counts["dead"]
     return {
-        "groups": ordered,
-        "sample": sample,
+        "tag": stats.tag,
+        "counts": counts,
+        "total": sum(counts.values()),
+        "retries": stats.retries,
+        "run_time": histogram_summary(stats.run_time),
+        "failure_rate": counts["dead"] / finished if finished else 0.0,
+        "jobs": sorted(stats.jobs),
+        "by_job": dict(stats.jobs),
+    }
+
+
+def tag_report(app: App, limit: int = TAG_ROWS) -> dict[str, Any]:
+    """Per tag since the last purge: final outcomes, retries, run-time p50/p95/max, failure rate
+    and job names, from the broker's counters (every worker on every host). The `limit`
+    busiest tags are listed, by name; tags the registry or schedules declare are listed (at 0)
+    where there is room. `tags_kept` says how many tags the broker holds numbers for (at most
+    `max_tags`); `other_tags` sums the tags past that cap, or is None."""
+    stats = app.broker.stats(tags=True)
+    busiest = sorted(
+        stats.tags.values(), key=lambda t: (-(sum(t.counts.values()) + t.retries), t.tag)
+    )[: max(0, limit)]
+    rows = {t.tag: tag_summary(t) for t in busiest}
+    declared = [tag for spec in app.registry for tag in spec.tags]
+    declared += [tag for schedule in app.schedules.values() for tag in schedule.tags]
+    for tag in declared:
+        if len(rows) >= limit:
+            break
+        rows.setdefault(tag, tag_summary(stats.tags.get(tag) or TagStats(tag=tag)))
+    return {
+        "tags": [rows[tag] for tag in sorted(rows)],
+        "tags_kept": len(stats.tags),
+        "max_tags": MAX_TAGS,
+        "other_tags": tag_summary(stats.other_tags) if stats.other_tags else None,
+    }
+
+
+def failure_groups(app: App, limit: int = FAILURE_GROUPS) -> dict[str, Any]:
+    """Failed attempts grouped by job name and exception type since the last purge (the
+    broker's counters): how many, how many were last attempts (dead), and the latest with its
+    traceback, read from that job's record (empty once the record expired, or when the job
+    failed differently since). `dead_total` per job name and rejections by reason are exact."""
+    groups = app.broker.failure_groups(limit)
+    records = app.broker.get_many([group.latest_id for group in groups])
+    stats = app.broker.stats()
+    found = []
+    for group, record in zip(groups, records, strict=True):
+        error = record.error if record is not None else None
+        same = error is not None and error.type == group.type
+        found.append({
+            "job": group.job, "type": group.type, "failures": group.failures,
+            "dead": group.dead, "retried": group.failures - group.dead,
+            "latest": {
+                "id": group.latest_id, "at": group.latest_at, "message": group.latest_message,
+                "state": str(record.state) if record is not None else None,
+                "traceback": error.traceback if error is not None and same else "",
+            },
+        })  # fmt: skip
+    return {
+        "groups": found,
+        "max_groups": MAX_FAILURE_GROUPS,
         "dead_total": {
             name: s.counts.get("dead", 0) for name, s in stats.jobs.items() if s.counts.get("dead")
         },
@@ -205,69 +148,36 @@ def failure_groups(app: App, sample: int = FAILURE_SAMPLE) -> dict[str, Any]:
     }
 
 
-def activity(
-    app: App,
-    now: float | None = None,
-    window_s: float = 3600.0,
-    bucket_s: float = 60.0,
-    per_job: int | None = None,
-) -> dict[str, Any]:
-    """Per job name and time bucket over the last `window_s`: jobs that succeeded, jobs that
-    failed (dead or rejected), and the p95 run time of those that finished in the bucket.
-
-    Read from the newest jobs of each name, at most `per_job` (by default ACTIVITY_BUDGET shared
-    out between the names, within ACTIVITY_MIN_PER_JOB..ACTIVITY_PER_JOB), stopping at jobs
-    created before the window. `covered_since` says how far back that reached: when the cap
-    stops the read early, older buckets are incomplete and the dashboard says so."""
+def activity(app: App, now: float | None = None, window_s: float = 3600.0) -> dict[str, Any]:
+    """Per job name and minute over the last `window_s` (the broker's timeline; the minute
+    holding `now` last): jobs that succeeded, attempts that failed or were rejected (dead,
+    retried, rejected), and the p95 run time of the attempts that ended in the minute (None
+    where none did). Every registered job name is listed, then any other the timeline holds."""
     now = time.time() if now is None else now
-    start = now - window_s
-    size = max(1, math.ceil(window_s / bucket_s))
-    names = job_names(app)
-    if per_job is None:
-        per_job = min(
-            ACTIVITY_PER_JOB, max(ACTIVITY_MIN_PER_JOB, ACTIVITY_BUDGET // len(names or [0]))
+    size = max(1, math.ceil(window_s / TIMELINE_STEP_S))
+    start = (minute_of(now) - size + 1) * TIMELINE_STEP_S
+    series: dict[str, dict[str, list[Any]]] = {}
+
+    def entry(job: str) -> dict[str, list[Any]]:
+        return series.setdefault(
+            job, {"succeeded": [0] * size, "failed": [0] * size, "p95": [None] * size}
         )
-    series = []
-    for name in names:
-        succeeded, failed = [0] * size, [0] * size
-        runs: list[list[float]] = [[] for _ in range(size)]
-        covered_since, read, cursor = start, 0, None
-        while True:
-            want = min(ACTIVITY_PAGE, per_job - read)
-            page = app.broker.jobs(JobQuery(job=name, limit=want, before=cursor))
-            for record in page:
-                _place(record, start, bucket_s, size, succeeded, failed, runs)
-            read += len(page)
-            if len(page) < want or page[-1].created_at < start:
-                break  # every job created in the window was read
-            if read >= per_job:
-                covered_since = max(start, page[-1].created_at)  # the cap stopped the read
-                break
-            cursor = page[-1].id
-        series.append({
-            "job": name, "succeeded": succeeded, "failed": failed,
-            "p95": [quantile(bucket, 0.95) for bucket in runs],
-            "covered_since": covered_since, "sampled": read,
-        })  # fmt: skip
-    return {"now": now, "start": start, "bucket_s": bucket_s, "jobs": series}
 
-
-def _place(
-    record: JobRecord,
-    start: float,
-    bucket_s: float,
-    size: int,
-    succeeded: list[int],
-    failed: list[int],
-    runs: list[list[float]],
-) -> None:
-    if record.finished_at is None or record.finished_at < start:
-        return
-    index = min(size - 1, int((record.finished_at - start) // bucket_s))
-    if record.state == State.SUCCEEDED:
-        succeeded[index] += 1
-    elif record.state in (State.DEAD, State.REJECTED):
-        failed[index] += 1
-    run = _run_time(record)
-    if run is not None:
-        runs[index].append(run)
+    for name in app.registry.names():
+        entry(name)
+    for point in app.broker.timeline(start, now=now):
+        index = int((point.at - start) // TIMELINE_STEP_S)
+        if not 0 <= index < size:
+            continue
+        e = entry(point.job)
+        e["succeeded"][index] = point.succeeded
+        e["failed"][index] = point.failures + point.rejected
+        e["p95"][index] = point.run_time.quantile(0.95)
+    registered = list(app.registry.names())
+    names = registered + sorted(set(series) - set(registered))
+    return {
+        "now": now,
+        "start": start,
+        "bucket_s": TIMELINE_STEP_S,
+        "jobs": [{"job": name, **series[name]} for name in names],
+    }

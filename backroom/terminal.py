@@ -48,8 +48,31 @@ def stats_table(summary: dict[str, Any], title: str = "jobs by name") -> Table:
     return table
 
 
+def tags_table(summary: dict[str, Any]) -> Table:
+    table = Table(title="jobs by tag", title_justify="left")
+    table.add_column("tag", no_wrap=True)
+    table.add_column("jobs")
+    table.add_column("outcomes")
+    for header in ("retries", "failure rate", "p50 run", "p95 run", "max run"):
+        table.add_column(header, justify="right", no_wrap=True)
+    for row in summary["tags"]:
+        outcomes = ", ".join(f"{n} {state}" for state, n in row["counts"].items() if n) or "-"
+        run = row["run_time"]
+        table.add_row(
+            row["tag"], ", ".join(row["jobs"]) or "-", outcomes, str(row["retries"]),
+            f"{row['failure_rate']:.1%}", seconds(run["p50"]), seconds(run["p95"]),
+            seconds(run["max"]),
+        )  # fmt: skip
+    return table
+
+
 def print_stats(summary: dict[str, Any]) -> None:
     console.print(stats_table(summary))
+    if summary.get("tags"):
+        console.print(tags_table(summary), markup=False)
+    if summary.get("other_tags"):
+        console.print(f"tags past the first {summary['max_tags']} are counted together: "
+                      f"{summary['other_tags']['total']} outcomes", markup=False)  # fmt: skip
     if summary["queues"] or summary["paused"]:
         depth = ", ".join(f"{q}: {n}" for q, n in sorted(summary["queues"].items())) or "empty"
         paused = f"; paused: {', '.join(summary['paused'])}" if summary["paused"] else ""

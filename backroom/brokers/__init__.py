@@ -5,10 +5,33 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from backroom.brokers.base import Broker, Claim, Failure, JobQuery, JobRecord, Stats, WorkerInfo
+from backroom.brokers.base import (
+    Broker,
+    Claim,
+    Failure,
+    FailureGroup,
+    JobQuery,
+    JobRecord,
+    Stats,
+    TagStats,
+    TimelinePoint,
+    WorkerInfo,
+)
 from backroom.errors import ConfigError
 
-__all__ = ["Broker", "Claim", "Failure", "JobQuery", "JobRecord", "Stats", "WorkerInfo", "connect"]
+__all__ = [
+    "Broker",
+    "Claim",
+    "Failure",
+    "FailureGroup",
+    "JobQuery",
+    "JobRecord",
+    "Stats",
+    "TagStats",
+    "TimelinePoint",
+    "WorkerInfo",
+    "connect",
+]
 
 URL_HELP = (
     "use sqlite:///FILE, redis://HOST:PORT/DB, rediss://..., "

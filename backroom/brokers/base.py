@@ -6,7 +6,7 @@ from __future__ import annotations
 import bisect
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,7 +100,8 @@ class Histogram:
 @dataclass(frozen=True, slots=True)
 class JobStats:
     """Per job name: counts by state, run and wait time, retries, lease recoveries, rejections.
-    Counts of final states are totals since the last purge; the others are current."""
+    Counts of final states are totals since the last purge; the others are current. `by_queue`
+    splits the counts by the queue the jobs were on."""
 
     job: str
     counts: Mapping[str, int] = field(default_factory=dict)
@@ -109,12 +110,70 @@ class JobStats:
     retries: int = 0
     recoveries: int = 0
     rejections: Mapping[str, int] = field(default_factory=dict)  # reason -> count
+    by_queue: Mapping[str, Mapping[str, int]] = field(default_factory=dict)  # queue -> counts
+
+
+@dataclass(frozen=True, slots=True)
+class TagStats:
+    """Per tag: what happened to the jobs carrying it since the last purge. `counts` are final
+    outcomes as they were recorded (succeeded, dead, rejected, cancelled: events, so a job
+    retried by hand and then succeeding counts once dead and once succeeded), `retries` failed
+    attempts that were retried, `jobs` finished jobs per job name, `run_time` every attempt that
+    ran to an outcome (as JobStats.run_time)."""
+
+    tag: str
+    counts: Mapping[str, int] = field(default_factory=dict)
+    retries: int = 0
+    jobs: Mapping[str, int] = field(default_factory=dict)
+    run_time: Histogram = field(default_factory=Histogram)
 
 
 @dataclass(frozen=True, slots=True)
 class Stats:
+    """`tags` and `other_tags` are only read when asked for: stats(tags=True)."""
+
     jobs: Mapping[str, JobStats] = field(default_factory=dict)
     queues: Mapping[str, int] = field(default_factory=dict)  # queue -> queued depth
+    tags: Mapping[str, TagStats] = field(default_factory=dict)  # at most MAX_TAGS of them
+    other_tags: TagStats | None = None  # tags past MAX_TAGS, summed together (tag "")
+
+
+@dataclass(frozen=True, slots=True)
+class TimelinePoint:
+    """One job name in one minute (`at`: the minute's start, Unix seconds): outcomes recorded in
+    that minute, and the run time of the attempts that ended in it."""
+
+    job: str
+    at: float
+    succeeded: int = 0
+    dead: int = 0
+    retries: int = 0  # failed attempts that were retried
+    rejected: int = 0
+    run_time: Histogram = field(default_factory=Histogram)
+
+    @property
+    def finished(self) -> int:
+        return self.succeeded + self.dead
+
+    @property
+    def failures(self) -> int:
+        """Failed attempts: the ones that ended their job dead, and the ones retried."""
+        return self.dead + self.retries
+
+
+@dataclass(frozen=True, slots=True)
+class FailureGroup:
+    """Failed attempts of one job name with one exception type since the last purge, and the
+    latest of them (its traceback is on that job's record, while the record is kept). Groups
+    past MAX_FAILURE_GROUPS are summed in one group with job and type ""."""
+
+    job: str
+    type: str
+    failures: int  # failed attempts
+    dead: int  # ... of which were the job's last (it ended dead)
+    latest_id: str
+    latest_message: str  # at most FAILURE_MESSAGE_CHARS characters
+    latest_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +197,7 @@ class StatsBuilder:
     def __init__(self) -> None:
         self._jobs: dict[str, dict[str, Any]] = {}
         self._queues: dict[str, int] = {}
+        self._tags: dict[str, dict[str, int]] = {}
 
     def _entry(self, job: str) -> dict[str, Any]:
         return self._jobs.setdefault(job, {
@@ -147,8 +207,10 @@ class StatsBuilder:
 
     def count(self, job: str, queue: str, state: str, n: int) -> None:
         """n jobs of `job` in `state` on `queue` (queued ones add to the queue's depth)."""
-        counts = self._entry(job)["counts"]
-        counts[state] = counts.get(state, 0) + n
+        entry = self._entry(job)
+        entry["counts"][state] = entry["counts"].get(state, 0) + n
+        by_queue = entry.setdefault("by_queue", {}).setdefault(queue, {})
+        by_queue[state] = by_queue.get(state, 0) + n
         if state == "queued":
             self._queues[queue] = self._queues.get(queue, 0) + n
 
@@ -169,6 +231,10 @@ class StatsBuilder:
         elif kind.startswith("reject:"):
             entry["rejections"][kind.removeprefix("reject:")] = n
 
+    def tag(self, tag: str, kind: str, n: int) -> None:
+        """One stored per-tag counter (see TALLY_KINDS); tag "" holds the tags past the cap."""
+        self._tags.setdefault(tag, {})[kind] = n
+
     def build(self) -> Stats:
         def histogram(entry: dict[str, Any], kind: str) -> Histogram:
             count, total, maximum = entry["timing"].get(kind, (0, 0.0, 0.0))
@@ -184,12 +250,96 @@ class StatsBuilder:
                     retries=e["retries"],
                     recoveries=e["recoveries"],
                     rejections=e["rejections"],
+                    by_queue={
+                        queue: {state: n for state, n in states.items() if n}
+                        for queue, states in sorted(e.get("by_queue", {}).items())
+                        if any(states.values())
+                    },
                 )
                 for job, e in sorted(self._jobs.items())
             },
             queues={q: n for q, n in self._queues.items() if n},
+            tags={tag: tag_stats(tag, kinds) for tag, kinds in sorted(self._tags.items()) if tag},
+            other_tags=tag_stats("", self._tags[""]) if "" in self._tags else None,
         )
 
+
+# -- per tag and per minute: counters stored as (kind -> n) ---------------------------------------
+# Both backends keep per-tag and per-minute numbers as integer counters named by kind: the
+# outcomes ("succeeded", "dead", "rejected", "cancelled", "retry"), the run-time histogram
+# ("r:<bucket>" -> samples, whose sum is the count; "rt" total and "rm" max in whole
+# microseconds, so Redis' HINCRBY serves them), and per tag "j:<job name>" -> finished jobs of
+# that name.
+
+OUTCOME_KINDS = ("succeeded", "dead", "rejected", "cancelled")
+TIMELINE_KINDS = ("succeeded", "dead", "rejected")  # the outcomes the timeline counts (+ retry)
+MAX_KIND = "rm"  # the one kind that keeps a maximum instead of a sum
+
+
+def micros(seconds: float) -> int:
+    return int(max(seconds, 0.0) * 1e6 + 0.5)
+
+
+def histogram_of(kinds: Mapping[str, int]) -> Histogram:
+    """The run-time histogram kept in counters "r:<bucket>", "rt" and "rm"."""
+    buckets = {int(kind[2:]): n for kind, n in kinds.items() if kind.startswith("r:") and n}
+    return Histogram(
+        buckets=buckets,
+        count=sum(buckets.values()),
+        total=kinds.get("rt", 0) / 1e6,
+        max=kinds.get("rm", 0) / 1e6,
+    )
+
+
+def tag_stats(tag: str, kinds: Mapping[str, int]) -> TagStats:
+    return TagStats(
+        tag=tag,
+        counts={kind: kinds[kind] for kind in OUTCOME_KINDS if kinds.get(kind)},
+        retries=kinds.get("retry", 0),
+        jobs={kind[2:]: n for kind, n in sorted(kinds.items()) if kind.startswith("j:") and n},
+        run_time=histogram_of(kinds),
+    )
+
+
+def timeline_points(rows: Iterable[tuple[int, str, str, int]]) -> list[TimelinePoint]:
+    """(minute number, job, kind, n) counters as points, oldest minute first, then by job."""
+    grouped: dict[tuple[int, str], dict[str, int]] = {}
+    for minute, job, kind, n in rows:
+        kinds = grouped.setdefault((minute, job), {})
+        kinds[kind] = kinds.get(kind, 0) + n
+    return [
+        TimelinePoint(
+            job=job,
+            at=float(minute * TIMELINE_STEP_S),
+            succeeded=kinds.get("succeeded", 0),
+            dead=kinds.get("dead", 0),
+            retries=kinds.get("retry", 0),
+            rejected=kinds.get("rejected", 0),
+            run_time=histogram_of(kinds),
+        )
+        for (minute, job), kinds in sorted(grouped.items())
+    ]
+
+
+def minute_of(at: float) -> int:
+    return math.floor(at / TIMELINE_STEP_S)
+
+
+def timeline_minutes(since: float, now: float) -> range:
+    """The minute numbers timeline(since, now) covers: from since's minute, but no further back
+    than TIMELINE_KEEP_S, to now's minute."""
+    last = minute_of(now)
+    return range(max(minute_of(since), last - TIMELINE_KEEP_MINUTES), last + 1)
+
+
+# -- bounds on what the broker keeps -----------------------------------------------------------
+
+MAX_TAGS = 500  # distinct tags with numbers of their own; later ones are summed in other_tags
+TIMELINE_STEP_S = 60  # the timeline's bucket: one minute
+TIMELINE_KEEP_S = 2 * 3600  # minutes older than this are dropped
+TIMELINE_KEEP_MINUTES = TIMELINE_KEEP_S // TIMELINE_STEP_S
+MAX_FAILURE_GROUPS = 1000  # (job, exception type) groups; later ones are summed in one
+FAILURE_MESSAGE_CHARS = 1000  # of the latest message kept per failure group
 
 # -- histogram buckets: 50 microseconds to about a day, each bound 1.25x the one before -------
 
@@ -365,7 +515,20 @@ class Broker(ABC):
         current record). None if there is no such job."""
 
     @abstractmethod
-    def stats(self) -> Stats: ...
+    def stats(self, tags: bool = False) -> Stats:
+        """Counters per job name (and per queue), queue depths; with `tags`, per-tag numbers
+        too. Read from stored counters, never from the jobs: the cost is bounded by the number
+        of job names, queues and tags (at most MAX_TAGS)."""
+
+    @abstractmethod
+    def timeline(self, since: float, now: float | None = None) -> list[TimelinePoint]:
+        """Per job name and minute from since's minute to now's, oldest first: at most the last
+        TIMELINE_KEEP_S (older minutes are dropped as new ones are written). Minutes with
+        nothing recorded are left out."""
+
+    @abstractmethod
+    def failure_groups(self, limit: int = 100) -> list[FailureGroup]:
+        """Failed attempts grouped by (job name, exception type), the most failures first."""
 
     # -- workers --------------------------------------------------------------------------------
     @abstractmethod

@@ -28,13 +28,16 @@ from redis.exceptions import (
 )
 
 from backroom.brokers.base import (
+    FAILURE_MESSAGE_CHARS,
     Broker,
     Claim,
     Failure,
+    FailureGroup,
     JobQuery,
     JobRecord,
     Outcome,
     Stats,
+    TimelinePoint,
     WorkerInfo,
     reason_category,
     started_of,
@@ -42,12 +45,14 @@ from backroom.brokers.base import (
 from backroom.brokers.redis_connect import RedisLink, RedisSettings, describe, parse_url
 from backroom.brokers.redis_scripts import (
     enqueue_row,
+    failure_groups_of,
     lua_sources,
     pack,
     record_of,
     restored_envelope,
     running_state,
     stats_of,
+    timeline_of,
     unpack,
 )
 from backroom.envelope import FINAL_STATES, Envelope, State, encode_json
@@ -323,6 +328,7 @@ class RedisBroker(Broker):
                 failure.type,
                 failure.message,
                 failure.traceback,
+                failure.message[:FAILURE_MESSAGE_CHARS],
             )
         )
 
@@ -458,16 +464,36 @@ class RedisBroker(Broker):
             wait = max(0.001, min(remaining, BLOCK_SLICE_S))
             self._link.call(lambda: self._client.blpop([done], timeout=wait))  # noqa: B023
 
-    def stats(self) -> Stats:
+    def stats(self, tags: bool = False) -> Stats:
         def read() -> list[Any]:
             with self._client.pipeline(transaction=True) as pipe:
                 pipe.hgetall(self._key("c"))
                 pipe.hgetall(self._key("h"))
+                if tags:
+                    pipe.hgetall(self._key("T"))
                 result: list[Any] = pipe.execute()
                 return result
 
-        counts, hist = self._link.call(read)
-        return stats_of(counts, hist)
+        return stats_of(*self._link.call(read))
+
+    def timeline(self, since: float, now: float | None = None) -> list[TimelinePoint]:
+        """One HGETALL per minute (at most TIMELINE_KEEP_MINUTES + 1), in one round trip."""
+
+        def read(minutes: Sequence[int]) -> list[Any]:
+            def pipelined() -> list[Any]:
+                with self._client.pipeline(transaction=False) as pipe:
+                    for minute in minutes:
+                        pipe.hgetall(self._key("m", str(minute)))
+                    result: list[Any] = pipe.execute()
+                    return result
+
+            return self._link.call(pipelined)
+
+        return timeline_of(since, _now(now), read)
+
+    def failure_groups(self, limit: int = 100) -> list[FailureGroup]:
+        groups = self._link.call(lambda: self._client.hgetall(self._key("F")))
+        return failure_groups_of(groups, limit)  # type: ignore[arg-type]
 
     # -- workers --------------------------------------------------------------------------------
     def register_worker(self, info: WorkerInfo, ttl_s: float) -> None:

@@ -4,13 +4,26 @@ lua/common.lua), and turning stored bytes into records and stats. No connection 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
 import msgspec
 
-from backroom.brokers.base import BUCKET_BOUNDS, Failure, JobRecord, Stats, StatsBuilder
+from backroom.brokers.base import (
+    BUCKET_BOUNDS,
+    MAX_FAILURE_GROUPS,
+    MAX_TAGS,
+    TIMELINE_KEEP_MINUTES,
+    Failure,
+    FailureGroup,
+    JobRecord,
+    Stats,
+    StatsBuilder,
+    TimelinePoint,
+    timeline_minutes,
+    timeline_points,
+)
 from backroom.envelope import Envelope, State, decode
 
 SCRIPTS = (
@@ -57,6 +70,9 @@ def lua_sources(result_ttl_s: float) -> dict[str, str]:
         .read_text(encoding="utf-8")
         .replace("__BOUNDS__", ", ".join(repr(bound) for bound in BUCKET_BOUNDS))
         .replace("__DEFAULT_RETRIES__", str(DEFAULT_MAX_RETRIES))
+        .replace("__MAX_TAGS__", str(MAX_TAGS))
+        .replace("__KEEP_MINUTES__", str(TIMELINE_KEEP_MINUTES))
+        .replace("__MAX_FAILURE_GROUPS__", str(MAX_FAILURE_GROUPS))
         .replace("__TTL_MS__", str(int((ttl + expiry_margin_s(ttl)) * 1000)))
         .replace("__TTL_LONG_MS__", str(int((4 * ttl + expiry_margin_s(4 * ttl)) * 1000)))
     )
@@ -231,9 +247,17 @@ def running_state(raw: bytes | None) -> tuple[bool, bool]:
 # -- stats --------------------------------------------------------------------------------------
 
 
-def stats_of(counts: Mapping[bytes, bytes], hist: Mapping[bytes, bytes]) -> Stats:
-    """Stats from the P:c counters ("job\\0queue\\0state" -> n) and the P:h histograms."""
+def stats_of(
+    counts: Mapping[bytes, bytes],
+    hist: Mapping[bytes, bytes],
+    tags: Mapping[bytes, bytes] | None = None,
+) -> Stats:
+    """Stats from the P:c counters ("job\\0queue\\0state" -> n), the P:h histograms and, when
+    read, the P:T per-tag counters ("tag\\0kind" -> n)."""
     stats = StatsBuilder()
+    for field, value in (tags or {}).items():
+        tag, _, kind = field.decode().partition("\0")
+        stats.tag(tag, kind, int(value))
     timings: dict[tuple[str, str], dict[str, float]] = {}
     for field, value in counts.items():
         job, queue, state = field.decode().split("\0")
@@ -258,3 +282,31 @@ def stats_of(counts: Mapping[bytes, bytes], hist: Mapping[bytes, bytes]) -> Stat
         stats.timing(job, kind, int(timing.get("count", 0)), timing.get("t", 0.0),
                      timing.get("m", 0.0))  # fmt: skip
     return stats.build()
+
+
+def timeline_of(
+    since: float, now: float, read: Callable[[Sequence[int]], Sequence[Mapping[bytes, bytes]]]
+) -> list[TimelinePoint]:
+    """The timeline from the P:m:<minute> hashes ("job\\0kind" -> n) of the minutes it covers,
+    which `read` returns in the order given."""
+    minutes = timeline_minutes(since, now)
+    if not minutes:
+        return []
+    rows = []
+    for minute, fields in zip(minutes, read(minutes), strict=True):
+        for field, value in fields.items():
+            job, _, kind = field.decode().rpartition("\0")
+            rows.append((minute, job, kind, int(value)))
+    return timeline_points(rows)
+
+
+def failure_groups_of(groups: Mapping[bytes, bytes], limit: int) -> list[FailureGroup]:
+    """The P:F hash ("job\\0type" -> msgpack [failures, dead, id, message, at]), most first."""
+    found = []
+    for field, raw in groups.items():
+        job, _, error_type = field.decode().partition("\0")
+        failures, dead, latest_id, message, at = _unpacker.decode(raw)
+        found.append(FailureGroup(job, error_type, int(failures), int(dead), str(latest_id),
+                                  str(message), float(at)))  # fmt: skip
+    found.sort(key=lambda g: (-g.failures, g.job, g.type))
+    return found[: max(0, limit)]

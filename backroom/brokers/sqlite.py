@@ -16,15 +16,18 @@ from urllib.parse import unquote, urlsplit
 
 import msgspec
 
+from backroom.brokers import sqlite_stats
 from backroom.brokers.base import (
     Broker,
     Claim,
     Failure,
+    FailureGroup,
     JobQuery,
     JobRecord,
     Outcome,
     Stats,
     StatsBuilder,
+    TimelinePoint,
     WorkerInfo,
     bucket_of,
     reason_category,
@@ -146,6 +149,7 @@ class SQLiteBroker(Broker):
         self._local_change = threading.Condition(threading.Lock())
         self._claim_mark: tuple[int, int] | None = None
         self._version = 0  # bumped on local commits; wakes local waiters
+        self._stats = sqlite_stats.SQLiteStats()  # per tag, per minute, per failure type
         try:
             if path != ":memory:":
                 parent = os.path.dirname(os.path.abspath(path))
@@ -181,7 +185,7 @@ class SQLiteBroker(Broker):
     def _create_schema(self) -> None:
         with self._lock:
             # executescript commits on its own; each CREATE is idempotent.
-            self._retry_busy(lambda: self._db.executescript(SCHEMA))
+            self._retry_busy(lambda: self._db.executescript(SCHEMA + sqlite_stats.STATS_SCHEMA))
 
     def _retry_busy(self, fn: Any) -> Any:
         for attempt in range(MAX_BUSY_RETRIES):
@@ -273,6 +277,12 @@ class SQLiteBroker(Broker):
         )
 
     @staticmethod
+    def _stored_tags(db: sqlite3.Connection, seq: int) -> tuple[str, ...]:
+        """The tags of a job whose envelope was not read (cancel, expiry, sweep: rare paths)."""
+        row = db.execute("SELECT envelope FROM jobs WHERE seq = ?", (seq,)).fetchone()
+        return () if row is None else sqlite_stats.tags_of(row[0])
+
+    @staticmethod
     def _free_unique(
         db: sqlite3.Connection, job_id: str, key: str | None, mode: str | None, when: str
     ) -> None:
@@ -357,6 +367,7 @@ class SQLiteBroker(Broker):
         claims: list[Claim] = []
         deltas: Counter[tuple[str, str, str]] = Counter()
         waits: list[tuple[str, str, float]] = []
+        tally = sqlite_stats.Tally(now)
         with self._tx() as db:
             # what this connection has seen, so wait_for_work wakes for any commit after it
             seen_version = db.execute("PRAGMA data_version").fetchone()[0]
@@ -374,6 +385,7 @@ class SQLiteBroker(Broker):
                             self._finish_row(db, seq, "cancelled", now, reason="expired")
                             self._free_unique(db, job_id, ukey, ufor, "finish")
                             deltas[(job, q, "cancelled")] += 1
+                            tally.outcome(job, sqlite_stats.tags_of(raw), "cancelled")
                             continue
                         try:
                             env = decode(raw).with_attempt(attempts + 1)
@@ -381,6 +393,7 @@ class SQLiteBroker(Broker):
                             self._finish_row(db, seq, "rejected", now, reason=str(exc))
                             self._event(db, job, f"reject:{reason_category(str(exc))}")
                             deltas[(job, q, "rejected")] += 1
+                            tally.outcome(job, (), "rejected")
                             continue
                         token = _attempt_token()
                         db.execute(START_RUN, (lease_until, worker_id, token, now, seq))
@@ -392,6 +405,7 @@ class SQLiteBroker(Broker):
                     break
             self._count(db, deltas)
             self._time(db, waits)
+            self._stats.write(db, tally)
         with self._local_change:
             self._claim_mark = (seen_version, self._version)
         return claims
@@ -509,6 +523,9 @@ class SQLiteBroker(Broker):
                 )
             self._count(db, deltas)
             self._time(db, runs)
+            # _end appended one (job, "run", seconds) per claim it recorded, in order
+            acked = [outcome[0] for outcome, ok in zip(outcomes, done, strict=True) if ok]
+            self._stats.write(db, sqlite_stats.Tally.of_acks(now, acked, runs))
         return done
 
     def nack(
@@ -550,6 +567,17 @@ class SQLiteBroker(Broker):
             if ok:
                 self._count(db, deltas)
                 self._time(db, runs)
+                job, _, run_s = runs[-1]
+                tags, tally = claim.envelope.tags, sqlite_stats.Tally(now)
+                tally.run(job, tags, run_s)
+                if retry_at is None:
+                    tally.outcome(job, tags, "dead")
+                elif owned is not None and owned[3]:
+                    tally.outcome(job, tags, "cancelled")
+                else:
+                    tally.retry(job, tags)
+                tally.failure(job, claim.id, failure.type, failure.message, retry_at is None)
+                self._stats.write(db, tally)
         return ok
 
     def reject(self, claim: Claim, reason: str, now: float | None = None) -> bool:
@@ -561,6 +589,9 @@ class SQLiteBroker(Broker):
             if ok:
                 self._count(db, deltas)
                 self._event(db, claim.envelope.job, f"reject:{reason_category(reason)}")
+                tally = sqlite_stats.Tally(now)
+                tally.outcome(runs[-1][0], claim.envelope.tags, "rejected")
+                self._stats.write(db, tally)
         return ok
 
     def finish_cancelled(self, claim: Claim, reason: str, now: float | None = None) -> bool:
@@ -573,12 +604,16 @@ class SQLiteBroker(Broker):
             )
             if ok:
                 self._count(db, deltas)
+                tally = sqlite_stats.Tally(now)
+                tally.outcome(runs[-1][0], claim.envelope.tags, "cancelled")
+                self._stats.write(db, tally)
         return ok
 
     def release(self, claims: Sequence[Claim], now: float | None = None) -> int:
         now = _now(now)
         deltas: Counter[tuple[str, str, str]] = Counter()
         released = 0
+        tally = sqlite_stats.Tally(now)
         with self._tx() as db:
             for claim in claims:
                 row = db.execute(SELECT_OWNED, (claim.id, claim.attempt_id)).fetchone()
@@ -591,10 +626,12 @@ class SQLiteBroker(Broker):
                     self._finish_row(db, seq, "cancelled", now, reason=reason or "cancelled")
                     self._free_unique(db, claim.id, ukey, ufor, "finish")
                     deltas[(job, queue, "cancelled")] += 1
+                    tally.outcome(job, claim.envelope.tags, "cancelled")
                 else:
                     db.execute(REQUEUE_RELEASED, (now, seq))
                     deltas[(job, queue, "queued")] += 1
             self._count(db, deltas)
+            self._stats.write(db, tally)
         return released
 
     def progress(
@@ -626,6 +663,9 @@ class SQLiteBroker(Broker):
             self._finish_row(db, seq, "cancelled", now, reason=reason)
             self._free_unique(db, job_id, ukey, ufor, "finish")
             self._count(db, Counter({(job, queue, state): -1, (job, queue, "cancelled"): 1}))
+            tally = sqlite_stats.Tally(now)
+            tally.outcome(job, self._stored_tags(db, seq), "cancelled")
+            self._stats.write(db, tally)
             return True
 
     def retry(self, job_id: str, now: float | None = None) -> bool:
@@ -715,6 +755,7 @@ class SQLiteBroker(Broker):
 
     def _expire_waiting(self, now: float, limit: int) -> None:
         deltas: Counter[tuple[str, str, str]] = Counter()
+        tally = sqlite_stats.Tally(now)
         with self._tx() as db:
             rows = db.execute(
                 "SELECT seq, id, job, queue, state, unique_key, unique_for FROM jobs "
@@ -727,7 +768,9 @@ class SQLiteBroker(Broker):
                 self._free_unique(db, job_id, ukey, ufor, "finish")
                 deltas[(job, queue, state)] -= 1
                 deltas[(job, queue, "cancelled")] += 1
+                tally.outcome(job, self._stored_tags(db, seq), "cancelled")
             self._count(db, deltas)
+            self._stats.write(db, tally)
             db.execute("DELETE FROM uniques WHERE until IS NOT NULL AND until < ?", (now,))
 
     def sweep_expired(self, now: float | None = None, limit: int = 1000) -> list[str]:
@@ -742,6 +785,7 @@ class SQLiteBroker(Broker):
                 return []
         recovered: list[str] = []
         deltas: Counter[tuple[str, str, str]] = Counter()
+        tally = sqlite_stats.Tally(now)
         with self._tx() as db:
             rows = db.execute(SELECT_LEASE_EXPIRED, (now, limit)).fetchall()
             for row in rows:
@@ -752,15 +796,17 @@ class SQLiteBroker(Broker):
                     self._finish_row(db, seq, "cancelled", now, reason=why or "cancelled")
                     self._free_unique(db, job_id, ukey, ufor, "finish")
                     deltas[(job, queue, "cancelled")] += 1
+                    tally.outcome(job, self._stored_tags(db, seq), "cancelled")
                 elif attempts > max_retries:
-                    error = _failure_encoder.encode(
-                        {
-                            "type": "LeaseExpired",
-                            "message": f"the worker running attempt {attempts} stopped heart-"
-                            "beating (killed or lost) and no retries were left",
-                            "traceback": "",
-                        }
-                    )
+                    lost = {
+                        "type": "LeaseExpired",
+                        "message": f"the worker running attempt {attempts} stopped heart-"
+                        "beating (killed or lost) and no retries were left",
+                        "traceback": "",
+                    }
+                    error = _failure_encoder.encode(lost)
+                    tally.outcome(job, self._stored_tags(db, seq), "dead")
+                    tally.failure(job, job_id, lost["type"], lost["message"], True)
                     db.execute(
                         "UPDATE jobs SET state = 'dead', finished_at = ?, lease_until = NULL, "
                         "error = ? WHERE seq = ?",
@@ -777,6 +823,7 @@ class SQLiteBroker(Broker):
                     deltas[(job, queue, "queued")] += 1
                 recovered.append(job_id)
             self._count(db, deltas)
+            self._stats.write(db, tally)
         return recovered
 
     def fire_once(self, schedule: str, tick: float) -> bool:
@@ -872,13 +919,15 @@ class SQLiteBroker(Broker):
                 self._local_change.wait(min(interval, remaining))
             interval = min(interval * 1.5, 0.05)
 
-    def stats(self) -> Stats:
+    def stats(self, tags: bool = False) -> Stats:
+        stats = StatsBuilder()
         with self._read() as db:
             counts = db.execute("SELECT job, queue, state, n FROM counts WHERE n != 0").fetchall()
             hist = db.execute("SELECT job, kind, bucket, n FROM hist").fetchall()
             timing = db.execute("SELECT job, kind, count, total, max FROM timing").fetchall()
             events = db.execute("SELECT job, kind, n FROM events").fetchall()
-        stats = StatsBuilder()
+            if tags:
+                self._stats.read_tags(db, stats)
         for job, queue, state, n in counts:
             stats.count(job, queue, state, n)
         for job, kind, bucket, n in hist:
@@ -888,6 +937,14 @@ class SQLiteBroker(Broker):
         for job, kind, n in events:
             stats.event(job, kind, n)
         return stats.build()
+
+    def timeline(self, since: float, now: float | None = None) -> list[TimelinePoint]:
+        with self._read() as db:
+            return self._stats.timeline(db, since, _now(now))
+
+    def failure_groups(self, limit: int = 100) -> list[FailureGroup]:
+        with self._read() as db:
+            return self._stats.failure_groups(db, limit)
 
     # -- workers ----------------------------------------------------------------------------------
     def register_worker(self, info: WorkerInfo, ttl_s: float) -> None:
@@ -931,6 +988,7 @@ class SQLiteBroker(Broker):
                 "paused",
                 "schedules",
                 "workers",
+                *sqlite_stats.STATS_TABLES,
             ):
                 db.execute(f"DELETE FROM {table}")
 

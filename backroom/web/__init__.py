@@ -51,7 +51,7 @@ def create_app(
     needs `Authorization: Bearer <token>` and enqueues as the token's source; without tokens,
     requests enqueue as `app.source`. `allowed_hosts` refuses requests for other Host names
     (DNS rebinding); serve() sets it to the loopback names when it binds loopback. The
-    sampled views (per-tag stats, last-hour charts) are recomputed at most every `cache_s`."""
+    per-tag stats and last-hour charts are read from the broker at most every `cache_s`."""
     known = build_tokens(tokens_from_env() if tokens is None else tokens)
     api = Api(app, cache_s=cache_s)
     registry = metrics_registry(app)

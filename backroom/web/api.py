@@ -25,7 +25,7 @@ from backroom.errors import (
     SourceNotAllowed,
     UnknownJob,
 )
-from backroom.reporting import activity, failure_groups, stats_summary, tag_summaries
+from backroom.reporting import activity, failure_groups, stats_summary, tag_report
 from backroom.web.checks import (
     BODY_SLACK,
     BULK_STATES,
@@ -60,8 +60,8 @@ class Api:
         self._cache: dict[str, tuple[float, Any]] = {}
 
     def cached(self, key: str, compute: Callable[[], T]) -> T:
-        """The sampled views (per tag, last-hour activity) cost tens of milliseconds on a big
-        store; several open dashboards share one computation per `cache_s` seconds."""
+        """The per-tag and per-minute views read up to a few thousand of the broker's counters;
+        several open dashboards share one read per `cache_s` seconds."""
         now = time.monotonic()
         with self._cache_lock:
             hit = self._cache.get(key)
@@ -147,10 +147,10 @@ class Api:
         return JSONResponse({**self.view(record, full=True), "now": time.time()})
 
     def stats(self, request: Request) -> JSONResponse:
-        """stats_summary (per job name, queues, paused, schedules) plus per-tag summaries."""
+        """stats_summary (per job name, queues, paused, schedules) plus tag_report (per tag)."""
         summary = stats_summary(self.app)
         if request.query_params.get("tags", "1") != "0":
-            summary["tags"] = self.cached("tags", lambda: tag_summaries(self.app))
+            summary.update(self.cached("tags", lambda: tag_report(self.app)))
         summary["now"] = time.time()
         return JSONResponse(summary)
 

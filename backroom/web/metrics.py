@@ -53,8 +53,8 @@ class BrokerCollector(Collector):
         queue_of = {spec.name: spec.queue for spec in self.app.registry}
         jobs = GaugeMetricFamily(
             "backroom_jobs",
-            "Jobs by job name, queue (the job's declared queue) and state: live states are "
-            "current counts, final states totals since the last purge",
+            "Jobs by job name, queue (the one each job was enqueued on) and state: live states "
+            "are current counts, final states totals since the last purge",
             labels=["job", "queue", "state"],
         )
         retries = CounterMetricFamily(
@@ -77,10 +77,14 @@ class BrokerCollector(Collector):
         names = sorted(set(self.app.registry.names()) | set(stats.jobs))
         for name in names:
             entry = stats.jobs.get(name)
-            queue = queue_of.get(name, "")
-            for state in STATE_ORDER:
-                count = entry.counts.get(state, 0) if entry else 0
-                jobs.add_metric([name, queue, state], float(count))
+            # the broker's counts per (job, queue, state); a registered job's own queue is
+            # always listed, so its series exist (at 0) before its first job
+            by_queue = dict(entry.by_queue) if entry else {}
+            if name in queue_of:
+                by_queue.setdefault(queue_of[name], {})
+            for queue, counts in sorted(by_queue.items()):
+                for state in STATE_ORDER:
+                    jobs.add_metric([name, queue, state], float(counts.get(state, 0)))
             if entry is None:
                 continue
             retries.add_metric([name], float(entry.retries))

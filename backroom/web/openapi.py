@@ -205,8 +205,8 @@ def openapi(job_names: list[str]) -> dict[str, Any]:
         },
         "/api/stats": {
             "get": _op(
-                "Per job name and per tag: counts by state, p50/p95/max run "
-                "time, wait time, failure rate; queues, paused, schedules",
+                "Per job name: counts by state, p50/p95/max run and wait time, failure rate; "
+                "per tag: outcomes, retries, run time, failure rate; queues, paused, schedules",
                 parameters=[_query("tags", "0 leaves the per-tag part out", {"enum": ["0", "1"]})],
             )
         },
@@ -216,7 +216,9 @@ def openapi(job_names: list[str]) -> dict[str, Any]:
             )
         },
         "/api/failures": {
-            "get": _op("Failures grouped by job name and exception type, with the latest traceback")
+            "get": _op(
+                "Failed attempts grouped by job name and exception type, with the latest traceback"
+            )
         },
         "/api/workers": {"get": _op("Live workers with their current jobs")},
         "/api/schedules": {"get": _op("Cron schedules with their last and next run")},

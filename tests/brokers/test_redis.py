@@ -20,6 +20,7 @@ import pytest
 import redis
 
 from backroom.brokers import Claim, JobQuery, connect
+from backroom.brokers.base import TIMELINE_KEEP_S
 from backroom.brokers.redis import RedisBroker
 from backroom.envelope import Envelope, State, new_id
 from backroom.errors import BrokerError, ConfigError
@@ -230,12 +231,64 @@ def test_enqueue_claim_outcomes_listing_and_stats_never_scan_the_keyspace(
             JobQuery(before=ids[20]),
         ):
             broker.jobs(query)  # fmt: skip
-        broker.stats()
+        broker.stats(tags=True)
+        broker.timeline(T - 60, now=T + 100)
+        broker.failure_groups()
         broker.get_many(ids)
         broker.wait_for_work(["default"], 0.01)
         commands = client.info("commandstats")
         assert "cmdstat_keys" not in commands
         assert "cmdstat_scan" not in commands
+        broker.purge()
+
+
+# -- per tag and per minute ---------------------------------------------------------------------
+
+
+def test_minute_hashes_expire_once_they_leave_the_timeline(redis_server: str) -> None:
+    with closing(connect(redis_server + "?prefix=minutes")) as broker:
+        broker.purge()
+        now = time.time()
+        broker.enqueue([envelope_for("resize_video")], now=now)
+        [claim] = broker.claim(["default"], "w1", 30, limit=1, now=now)
+        broker.ack([(claim, None)], now=now)
+        client = redis.Redis.from_url(redis_server)
+        [key] = client.keys("{minutes}:m:*")  # a test may look; the broker never does
+        assert key == f"{{minutes}}:m:{int(now // 60)}".encode()
+        ttl = client.ttl(key)
+        assert TIMELINE_KEEP_S <= ttl <= TIMELINE_KEEP_S + 60
+        broker.purge()
+
+
+def counter_writes_for_an_ack_of(broker: RedisBroker, client: redis.Redis, jobs: int) -> int:
+    """HINCRBY, SISMEMBER and EXPIRE commands (counters, the tag cap, the minute's expiry) an
+    ack of `jobs` tagged jobs runs; they all ran 1 s, so they share one histogram bucket."""
+    broker.purge()
+    tags = ("edge-1", "vip")
+    broker.enqueue([envelope_for("resize_video", tags=tags) for _ in range(jobs)], now=T)
+    claims = broker.claim(["default"], "w1", 30, limit=jobs, now=T)
+    broker.ack([(claims[0], None)], now=T + 1)
+
+    def calls() -> int:
+        stats = client.info("commandstats")
+        return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0))
+                   for c in ("hincrby", "sismember", "expire"))  # fmt: skip
+
+    before = calls()
+    assert all(broker.ack([(c, None) for c in claims[1:]], now=T + 1))
+    return calls() - before
+
+
+def test_an_ack_batch_writes_its_numbers_with_commands_that_do_not_grow_with_it(
+    redis_server: str,
+) -> None:
+    client = redis.Redis.from_url(redis_server)
+    with closing(connect(redis_server + "?prefix=batched")) as broker:
+        assert isinstance(broker, RedisBroker)
+        small = counter_writes_for_an_ack_of(broker, client, 10)
+        large = counter_writes_for_an_ack_of(broker, client, 100)
+        # P:c 2 and P:h 3 (as before), the minute's 3, per tag 4, a SISMEMBER per tag, 1 EXPIRE
+        assert small == large == 2 + 3 + 3 + 2 * 4 + 2 + 1
         broker.purge()
 
 
@@ -541,11 +594,14 @@ def test_claims_listings_and_counts_agree_with_the_sqlite_broker_step_by_step(
                 states = [[None if r is None else (r.state, r.attempts) for r in rs]
                           for rs in records]  # fmt: skip
                 assert states[0] == states[1], step
-        stats = [b.stats() for b in brokers]
+        stats = [b.stats(tags=True) for b in brokers]
         assert {j: dict(s.counts) for j, s in stats[0].jobs.items()} == {
             j: dict(s.counts) for j, s in stats[1].jobs.items()
         }
         assert dict(stats[0].queues) == dict(stats[1].queues)
+        assert stats[0].tags == stats[1].tags and stats[0].tags
+        assert brokers[0].timeline(T, now=now) == brokers[1].timeline(T, now=now)
+        assert brokers[0].failure_groups(50) == brokers[1].failure_groups(50)
         twin.purge()
 
 

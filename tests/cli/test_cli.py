@@ -68,6 +68,11 @@ def test_jobs_stats_and_registry_list_every_job_by_name(url: str) -> None:
     by_name = {row["job"]: row for row in stats["jobs"]}
     assert by_name["add"]["counts"]["queued"] == 1
     assert "send_invoices" in run("stats", "--app", APP, url=url).stdout
+    run("worker", "--app", APP, "--burst", "--in-process", url=url)
+    stats = json.loads(run("stats", "--app", APP, "--json", url=url).stdout)
+    [edge] = [row for row in stats["tags"] if row["tag"] == "edge-1"]
+    assert (edge["counts"]["succeeded"], edge["jobs"]) == (1, ["add"])
+    assert "jobs by tag" in run("stats", "--app", APP, url=url).stdout
     registry = json.loads(run("registry", "--app", APP, "--json", url=url).stdout)
     invoices = next(e for e in registry if e["name"] == "send_invoices")
     assert invoices["sources"] == ["scheduler"]

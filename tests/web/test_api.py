@@ -462,8 +462,9 @@ def test_stats_match_what_the_jobs_really_did(app: backroom.App, client: TestCli
     assert by_name["always_fails"]["failure_rate"] == 1.0
     assert set(by_name) >= {"process_logs", "send_email", "send_invoices"}
     tags = {row["tag"]: row for row in stats["tags"]}
-    assert tags["timed"]["counts"]["succeeded"] == 4 and tags["timed"]["complete"] is True
+    assert tags["timed"]["counts"]["succeeded"] == 4 and tags["timed"]["jobs"] == ["nap"]
     assert 0.1 <= tags["timed"]["run_time"]["p95"] <= 0.5
+    assert (stats["tags_kept"], stats["other_tags"]) == (1, None)
     assert stats["schedules"][0]["job"] == "send_invoices"
     assert "tags" not in client.get("/api/stats", params={"tags": "0"}).json()
 
@@ -491,7 +492,12 @@ def test_failures_are_grouped_by_job_and_exception_type(
     app.run_worker(burst=True)
     data = client.get("/api/failures").json()
     [group] = data["groups"]
-    assert (group["job"], group["type"], group["dead"]) == ("always_fails", "ValueError", 3)
+    assert (group["job"], group["type"], group["failures"], group["dead"]) == (
+        "always_fails",
+        "ValueError",
+        3,
+        3,
+    )
     assert group["latest"]["message"].startswith("boom")
     assert "ValueError" in group["latest"]["traceback"]
     assert data["dead_total"] == {"always_fails": 3}

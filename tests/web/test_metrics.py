@@ -88,3 +88,19 @@ def test_rejections_and_retries_are_counted(app: backroom.App, client: TestClien
     ]
     assert count == 1 and labels["reason"]
     assert value(samples, "backroom_jobs", job="nobody_registered_this", state="rejected") == 1
+
+
+def test_jobs_are_labelled_with_the_queue_they_were_enqueued_on(
+    app: backroom.App, client: TestClient
+) -> None:
+    app.enqueue("process_logs", {"server": "edge-1", "day": "2026-11-21"}, queue="bulk")
+    app.enqueue("process_logs", {"server": "edge-2", "day": "2026-11-21"})
+    app.run_worker(burst=True, queues=["default"])
+    samples = scrape(client)
+    assert value(samples, "backroom_jobs", job="process_logs", queue="bulk", state="queued") == 1
+    assert value(samples, "backroom_jobs", job="process_logs", queue="default", state="queued") == 0
+    assert (
+        value(samples, "backroom_jobs", job="process_logs", queue="default", state="succeeded") == 1
+    )
+    assert value(samples, "backroom_jobs", job="upload", queue="default", state="queued") == 0
+    assert value(samples, "backroom_queue_depth", queue="bulk") == 1

@@ -1,99 +1,102 @@
-"""The views the broker has no counters for (per tag, failure groups, last-hour activity) read a
-bounded number of recent jobs and say so: `complete`, `sampled`, `covered_since`."""
+"""The views built from the broker's own numbers: per tag (tag_report), failure groups with the
+latest traceback, and the last-hour activity per job name and minute. Time moves through
+`now=`; every number is exact, however many jobs there are."""
 
 from __future__ import annotations
 
-import time
-
 import backroom
-from backroom.brokers.base import Claim, Failure
-from backroom.reporting import activity, failure_groups, quantile, tag_summaries
+from backroom.brokers.base import MAX_TAGS, Claim, Failure
+from backroom.reporting import activity, failure_groups, tag_report
+
+NOW = 1_800_000_000.0  # a minute boundary (30,000,000 minutes)
 
 
 def finish(app: backroom.App, claims: list[Claim], at: float, run_s: float) -> None:
     app.broker.ack([(claim, None) for claim in claims], now=at + run_s)
 
 
-def test_quantile_is_nearest_rank() -> None:
-    assert quantile([], 0.5) is None
-    assert quantile([3.0, 1.0, 2.0], 0.5) == 2.0
-    assert quantile([float(n) for n in range(1, 101)], 0.95) == 95.0
-    assert quantile([7.0], 0.99) == 7.0
-
-
-def test_tag_summaries_are_exact_below_the_budget_and_say_when_they_are_not(
-    app: backroom.App,
-) -> None:
+def test_tag_report_counts_every_outcome_and_lists_declared_tags(app: backroom.App) -> None:
     for n in range(5):
         app.enqueue("process_logs", {"server": f"edge-{n}", "day": "d"}, tags=["edge-7"])
     app.enqueue("send_email", {"to": "a@example.com"}, tags=["edge-7"])
-    exact = {t["tag"]: t for t in tag_summaries(app)}
-    assert exact["edge-7"]["complete"] is True and exact["edge-7"]["sampled"] == 6
-    assert exact["edge-7"]["counts"]["queued"] == 6
-    assert exact["edge-7"]["jobs"] == ["process_logs", "send_email"]
-    assert exact["logs"]["sampled"] == 5 and exact["email"]["sampled"] == 1
-    assert exact["storage"]["sampled"] == 0  # declared by the registry, not seen yet
-    # a budget smaller than the jobs: 20 per job name at least, so 5 + 1 still fit ...
-    assert {t["tag"]: t for t in tag_summaries(app, budget=1)}["edge-7"]["complete"] is True
-    for n in range(30):
-        app.enqueue("process_logs", {"server": f"more-{n}", "day": "d"}, tags=["edge-7"])
-    partial = {t["tag"]: t for t in tag_summaries(app, budget=1)}["edge-7"]
-    assert partial["complete"] is False and partial["sampled"] == 20 + 1  # ... now it is cut
+    app.enqueue("always_fails", {"message": "boom"}, tags=["edge-7"])
+    app.run_worker(burst=True, queues=["default", "mail"])
+    report = tag_report(app)
+    tags = {t["tag"]: t for t in report["tags"]}
+    edge = tags["edge-7"]
+    assert edge["counts"] == {"succeeded": 6, "dead": 1, "rejected": 0, "cancelled": 0}
+    assert edge["jobs"] == ["always_fails", "process_logs", "send_email"]
+    assert edge["by_job"] == {"always_fails": 1, "process_logs": 5, "send_email": 1}
+    assert edge["failure_rate"] == 1 / 7
+    assert edge["run_time"]["count"] == 7 and edge["run_time"]["p95"] is not None
+    assert tags["logs"]["counts"]["succeeded"] == 5 and tags["email"]["counts"]["succeeded"] == 1
+    assert tags["storage"]["total"] == 0  # declared by the registry, nothing finished yet
+    assert (report["tags_kept"], report["max_tags"], report["other_tags"]) == (3, MAX_TAGS, None)
 
 
-def test_a_busy_job_does_not_hide_the_tags_of_a_quiet_one(app: backroom.App) -> None:
+def test_tag_report_lists_the_busiest_tags_first_when_limited(app: backroom.App) -> None:
     app.enqueue("send_email", {"to": "a@example.com"}, tags=["vip"])
-    app.enqueue_many("process_logs", [{"server": f"e-{n}", "day": "d"} for n in range(300)])
-    tags = {t["tag"]: t for t in tag_summaries(app, budget=100)}
-    assert tags["vip"]["sampled"] == 1 and tags["vip"]["complete"] is True
-    assert tags["logs"]["complete"] is False
+    app.enqueue_many(
+        "process_logs", [{"server": f"e-{n}", "day": "d"} for n in range(30)], tags=["bulk"]
+    )
+    app.run_worker(burst=True, queues=["default", "mail"])
+    assert [t["tag"] for t in tag_report(app, limit=2)["tags"]] == ["bulk", "logs"]
+    assert [t["tag"] for t in tag_report(app, limit=4)["tags"]] == ["bulk", "email", "logs", "vip"]
 
 
 def test_failure_groups_split_by_exception_type_and_keep_the_latest(app: backroom.App) -> None:
     for n in range(3):
         app.enqueue("upload", {"path": f"/s/{n}"})
-    claims = app.broker.claim(["default"], worker_id="w", lease_s=60, limit=3)
-    now = time.time()
+    claims = app.broker.claim(["default"], worker_id="w", lease_s=60, limit=3, now=NOW)
     for index, claim in enumerate(claims):
         kind = "ConnectionError" if index < 2 else "TimeoutError"
-        app.broker.nack(
-            claim, Failure(kind, f"try {index}", "Traceback ..."), retry_at=None, now=now + index
-        )
+        failure = Failure(kind, f"try {index}", f"Traceback ...\n{kind}: try {index}\n")
+        app.broker.nack(claim, failure, retry_at=None, now=NOW + index)
     data = failure_groups(app)
     groups = {(g["job"], g["type"]): g for g in data["groups"]}
-    assert groups[("upload", "ConnectionError")]["dead"] == 2
-    assert groups[("upload", "ConnectionError")]["latest"]["message"] == "try 1"
+    connection = groups[("upload", "ConnectionError")]
+    assert (connection["failures"], connection["dead"], connection["retried"]) == (2, 2, 0)
+    assert connection["latest"]["message"] == "try 1"
+    assert connection["latest"]["id"] == claims[1].id and connection["latest"]["at"] == NOW + 1
+    assert connection["latest"]["traceback"].endswith("ConnectionError: try 1\n")
     assert groups[("upload", "TimeoutError")]["dead"] == 1
     assert data["dead_total"] == {"upload": 3}
     assert next(iter(groups)) == ("upload", "ConnectionError")  # biggest group first
 
 
-def test_activity_buckets_by_finish_minute_with_p95(app: backroom.App) -> None:
-    now = 1_800_000_000.0
-    for n in range(6):
-        app.enqueue("process_logs", {"server": f"edge-{n}", "day": "d"}, now=now - 600)
-    early = app.broker.claim(["default"], worker_id="w", lease_s=60, limit=4, now=now - 300)
-    finish(app, early, at=now - 300, run_s=0.5)  # four finish five minutes ago
-    late = app.broker.claim(["default"], worker_id="w", lease_s=60, limit=2, now=now - 32)
-    finish(app, late, at=now - 32, run_s=2.0)  # two in the last minute
-    data = activity(app, now=now)
+def test_a_failure_groups_traceback_is_read_only_while_the_latest_record_matches(
+    app: backroom.App,
+) -> None:
+    job_id = app.enqueue("upload", {"path": "/s/1"}).id
+    [claim] = app.broker.claim(["default"], worker_id="w", lease_s=60, limit=1, now=NOW)
+    app.broker.nack(claim, Failure("TimeoutError", "slow", "tb 1"), retry_at=NOW + 5, now=NOW)
+    app.broker.promote_due(now=NOW + 5)
+    [again] = app.broker.claim(["default"], worker_id="w", lease_s=60, limit=1, now=NOW + 5)
+    app.broker.nack(again, Failure("OSError", "gone", "tb 2"), retry_at=None, now=NOW + 6)
+    groups = {g["type"]: g for g in failure_groups(app)["groups"]}
+    assert groups["OSError"]["latest"]["traceback"] == "tb 2"
+    timeout = groups["TimeoutError"]["latest"]
+    assert (timeout["id"], timeout["message"], timeout["traceback"]) == (job_id, "slow", "")
+    app.broker.delete([job_id])
+    assert failure_groups(app)["groups"][0]["latest"]["state"] is None  # the record is gone
+
+
+def test_activity_counts_per_minute_with_p95(app: backroom.App) -> None:
+    for n in range(7):
+        app.enqueue("process_logs", {"server": f"edge-{n}", "day": "d"}, now=NOW - 600)
+    early = app.broker.claim(["default"], worker_id="w", lease_s=60, limit=4, now=NOW - 300)
+    finish(app, early, at=NOW - 300, run_s=0.5)  # four finish five minutes ago
+    late = app.broker.claim(["default"], worker_id="w", lease_s=60, limit=3, now=NOW + 10)
+    finish(app, late[:2], at=NOW + 10, run_s=2.0)  # two in the current minute
+    app.broker.nack(late[2], Failure("OSError", "x", ""), retry_at=NOW + 60, now=NOW + 15)
+    data = activity(app, now=NOW + 30)
     [series] = [s for s in data["jobs"] if s["job"] == "process_logs"]
     assert data["bucket_s"] == 60 and len(series["succeeded"]) == 60
+    assert data["start"] == NOW - 59 * 60  # the window ends with the minute holding now
     assert sum(series["succeeded"]) == 6
-    assert series["succeeded"][-1] == 2
-    assert series["succeeded"][-5] == 4  # (3600 - 299.5) // 60 = bucket 55 of 60
-    assert series["p95"][-1] == 2.0 and series["p95"][-5] == 0.5
-    assert series["covered_since"] == data["start"]
-
-
-def test_activity_stops_at_its_cap_and_says_how_far_back_it_saw(app: backroom.App) -> None:
-    now = 1_800_000_000.0
-    for n in range(12):
-        app.enqueue("process_logs", {"server": f"edge-{n}", "day": "d"}, now=now - 1200 + n * 60)
-    capped = activity(app, now=now, per_job=5)
-    [series] = [s for s in capped["jobs"] if s["job"] == "process_logs"]
-    assert series["sampled"] == 5
-    assert series["covered_since"] > capped["start"]  # older minutes were not read
-    full = activity(app, now=now, per_job=100)
-    [series] = [s for s in full["jobs"] if s["job"] == "process_logs"]
-    assert series["sampled"] == 12 and series["covered_since"] == full["start"]
+    assert series["succeeded"][-1] == 2 and series["failed"][-1] == 1  # a retried attempt
+    assert series["succeeded"][-6] == 4  # NOW - 299.5 falls in the minute 5 before NOW's
+    assert series["p95"][-6] == 0.5
+    assert series["p95"][-1] == 5.0  # runs of 2, 2 and 5 s (the failed attempt ran too)
+    assert series["p95"][-2] is None
+    assert [s["job"] for s in data["jobs"]][:5] == list(app.registry.names())

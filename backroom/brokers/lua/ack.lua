@@ -15,6 +15,7 @@ for _, outcome in ipairs(cmsgpack.unpack(ARGV[3])) do
     r.r, r.pg, r.rs, r.ak = outcome[3], 1.0, nil, call
     if outcome[4] then r.sa = outcome[4] end
     sample(r.j, 'r', now - (r.sa or now))
+    run_tally(r, now - (r.sa or now), now)
     finish(id, r, 'succeeded', now, false)
     reply = 1
   end

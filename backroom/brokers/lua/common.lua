@@ -25,6 +25,14 @@
 --   P:h                 HASH    "<job>\0w:<bucket>", "\0wc" count, "\0wt" total and "\0wm" max in
 --                               microseconds (wait); the same with r (run); "\0retry",
 --                               "\0recovery", "\0x:<category>" (rejections by category)
+--   P:T                 HASH    "<tag>\0<kind>" -> n: per tag outcomes, "retry", "j:<job>" and
+--                               the run histogram "r:<bucket>", "rt", "rm" (base.py's
+--                               kinds); tag "" sums the tags past MAX_TAGS
+--   P:Tn                SET     the tags with numbers of their own (at most MAX_TAGS)
+--   P:m:<minute>        HASH    "<job>\0<kind>" -> n for one minute (Unix time // 60); expires
+--                               KEEP_MINUTES after it
+--   P:F                 HASH    "<job>\0<exception type>" -> msgpack [failures, dead, latest id,
+--                               latest message, latest at]; "\0" sums groups past the cap
 --   P:paused            SET     paused queue names
 --   P:fired             HASH    schedule -> last tick granted
 --   P:workers           HASH    worker id -> "<expires_at>\0<info json>"
@@ -117,6 +125,129 @@ local function sample(job, kind, s)  -- kind: 'w' (wait) or 'r' (run)
   if (hmaxes[f .. 'm'] or -1) < us then hmaxes[f .. 'm'] = us end
 end
 
+-- per tag, per minute and per failure type: gathered like the counters, written by flush() ---
+-- One accumulator per job name (for now's minute hash) and per tag prefix (for P:T), updated in
+-- place per job: {b = {[bucket] = n}, t = total us, m = max us (-1: none), n = {[kind] = n},
+-- j = {[job] = finished}}. flush() builds each "<prefix>\0<kind>" field once per batch.
+local MAX_TAGS = __MAX_TAGS__
+local KEEP_MINUTES = __KEEP_MINUTES__
+local MAX_FAILURE_GROUPS = __MAX_FAILURE_GROUPS__
+local job_accs, tag_accs, prefix_accs = {}, {}, {}
+local minute_key, minute_ttl = nil, nil  -- a call has one `now`, so one minute
+
+local function accumulator() return {b = {}, t = 0, m = -1, n = {}, j = {}} end
+
+-- The accumulator of job r's numbers in now's minute; the minute's hash expires once the minute
+-- is KEEP_MINUTES old.
+local function job_acc(r, now)
+  if minute_key == nil then
+    local m = math.floor(now / 60)
+    minute_key = P .. ':m:' .. string.format('%d', m)
+    minute_ttl = math.max(1, math.ceil((m + KEEP_MINUTES + 1) * 60 - now))
+  end
+  local a = job_accs[r.j]
+  if a == nil then
+    a = accumulator()
+    job_accs[r.j] = a
+  end
+  return a
+end
+
+-- The accumulator of a tag: its own while the tag has (or gets) one of the MAX_TAGS places in
+-- P:Tn, else the one of prefix '' (the sum of the rest); false for the empty tag.
+local tag_room = nil
+local function tag_acc(tag)
+  local a = tag_accs[tag]
+  if a ~= nil then return a end
+  local f = false
+  if type(tag) == 'string' and tag ~= '' then
+    if redis.call('SISMEMBER', P .. ':Tn', tag) == 1 then
+      f = tag
+    else
+      if tag_room == nil then tag_room = MAX_TAGS - redis.call('SCARD', P .. ':Tn') end
+      if tag_room > 0 then
+        redis.call('SADD', P .. ':Tn', tag)
+        tag_room = tag_room - 1
+        f = tag
+      else
+        f = ''
+      end
+    end
+  end
+  a = false
+  if f then
+    a = prefix_accs[f]
+    if a == nil then
+      a = accumulator()
+      prefix_accs[f] = a
+    end
+  end
+  tag_accs[tag] = a
+  return a
+end
+
+-- An attempt of job r that ran `s` seconds and ended now: its minute's and its tags' histograms.
+local function run_tally(r, s, now)
+  if s ~= s or s < 0 then s = 0 end
+  local us = math.floor(s * 1e6 + 0.5)
+  local b = bucket_of(s)
+  local a = job_acc(r, now)
+  a.b[b] = (a.b[b] or 0) + 1
+  a.t = a.t + us
+  if a.m < us then a.m = us end
+  if type(r.tg) ~= 'table' then return end
+  for _, tag in ipairs(r.tg) do
+    a = tag_acc(tag)
+    if a then
+      a.b[b] = (a.b[b] or 0) + 1
+      a.t = a.t + us
+      if a.m < us then a.m = us end
+    end
+  end
+end
+
+-- Job r ended in final state st (called by finish()); "retry" for a failed attempt retried.
+local function outcome_tally(r, st, now)
+  if st ~= 'cancelled' then
+    local n = job_acc(r, now).n
+    n[st] = (n[st] or 0) + 1
+  end
+  if type(r.tg) ~= 'table' then return end
+  for _, tag in ipairs(r.tg) do
+    local a = tag_acc(tag)
+    if a then
+      a.n[st] = (a.n[st] or 0) + 1
+      if st ~= 'retry' then a.j[r.j] = (a.j[r.j] or 0) + 1 end
+    end
+  end
+end
+
+local function flush_accumulator(key, f, a)
+  for b, n in pairs(a.b) do redis.call('HINCRBY', key, f .. 'r:' .. b, n) end
+  if a.m >= 0 then
+    redis.call('HINCRBY', key, f .. 'rt', a.t)
+    local cur = tonumber(redis.call('HGET', key, f .. 'rm'))
+    if cur == nil or a.m > cur then redis.call('HSET', key, f .. 'rm', a.m) end
+  end
+  for kind, n in pairs(a.n) do redis.call('HINCRBY', key, f .. kind, n) end
+  for job, n in pairs(a.j) do redis.call('HINCRBY', key, f .. 'j:' .. job, n) end
+end
+
+-- A failed attempt of job `id` (record r): its (job, exception type) group, and the latest.
+local function failure_group(r, id, error_type, message, dead, now)
+  local key, field = P .. ':F', r.j .. '\0' .. error_type
+  local raw = redis.call('HGET', key, field)
+  if not raw and redis.call('HLEN', key) >= MAX_FAILURE_GROUPS then
+    field = '\0'
+    raw = redis.call('HGET', key, field)
+  end
+  local g = raw and cmsgpack.unpack(raw) or {0, 0, '', '', 0}
+  g[1] = g[1] + 1
+  if dead then g[2] = g[2] + 1 end
+  if now >= g[5] then g[3], g[4], g[5] = id, message, now end
+  redis.call('HSET', key, field, cmsgpack.pack(g))
+end
+
 -- Index writes, gathered per key and sent by flush() as one command per key: a batch of jobs
 -- costs one ZADD per index, not one per job. A job changes state at most once per call, so
 -- removals (sent first) and additions never compete for one member. What a script reads back
@@ -154,6 +285,9 @@ local function flush()
     local cur = tonumber(redis.call('HGET', h, f))
     if cur == nil or m > cur then redis.call('HSET', h, f, m) end
   end
+  for job, a in pairs(job_accs) do flush_accumulator(minute_key, job .. '\0', a) end
+  for f, a in pairs(prefix_accs) do flush_accumulator(P .. ':T', f .. '\0', a) end
+  if minute_key then redis.call('EXPIRE', minute_key, minute_ttl) end
 end
 
 -- unique keys --------------------------------------------------------------------------------
@@ -221,7 +355,8 @@ local function notify(id)
   end
 end
 
--- A live job (already detached) ends in final state `st` at `now`.
+-- A live job (already detached) ends in final state `st` at `now`; its outcome is counted per
+-- tag and per minute (P:T, P:Tn, P:m:<minute>) with the counts.
 local function finish(id, r, st, now, fresh)
   local old = r.st
   r.st = st
@@ -229,6 +364,7 @@ local function finish(id, r, st, now, fresh)
   r.lu = nil
   r.du = nil
   reindex(id, r, old, fresh)
+  outcome_tally(r, st, now)
   if type(r.x) == 'number' then zrem(P .. ':x', id) end
   rpush(P .. ':f:' .. st, id)
   free_unique(id, r, 'finish')

@@ -4,7 +4,7 @@
 -- little longer, so what names them in the indexes is removed here first).
 -- KEYS[1] P:j. ARGV: now, limit, cutoff for succeeded/cancelled, cutoff for dead/rejected,
 -- cutoff for forgotten P:wait entries (wall clock).
--- Reads P:lease, P:f:*; writes P:j, P:d:*, P:g:*, P:Q:*, P:s:*, P:n:*, P:t:*, P:c, P:h.
+-- Reads P:lease, P:f:*; writes P:j, P:d:*, P:g:*, P:Q:*, P:s:*, P:n:*, P:t:*, P:c, P:h, P:F.
 -- Returns the ids recovered.
 local now, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
 local out = {}
@@ -21,6 +21,7 @@ for _, id in ipairs(ids) do
     elseif (r.a or 0) > (r.mr or DEFAULT_RETRIES) then
       r.er = {'LeaseExpired', string.format('the worker running attempt %d stopped heart-beating '
         .. '(killed or lost) and no retries were left', r.a or 0), ''}
+      failure_group(r, id, r.er[1], r.er[2], true, now)
       finish(id, r, 'dead', now, false)
     else
       r.st, r.qa, r.lu, r.w, r.ai = 'queued', now, nil, nil, nil

@@ -141,9 +141,9 @@
     return node;
   }
 
-  // values: numbers (bars) or numbers/nulls (line); gapBefore: buckets not covered by the read
+  // values: numbers (bars) or numbers/nulls (line), one per minute
   function chart(values, { kind = "bar", cls = "bar-ok", width = 120, height = 26, label = "",
-    gapBefore = 0, unit = (v) => String(v) } = {}) {
+    unit = (v) => String(v) } = {}) {
     const root = svg("svg", { width, height, viewBox: `0 0 ${width} ${height}`, role: "img" });
     const present = values.filter((v) => v !== null && v !== undefined);
     const max = Math.max(0, ...present);
@@ -153,7 +153,6 @@
       : `${label}: highest ${present.length ? unit(max) : "-"}`;
     root.append(title);
     const step = width / Math.max(1, values.length);
-    if (gapBefore > 0) root.append(svg("rect", { class: "gap", x: 0, y: 0, width: gapBefore * step, height }));
     root.append(svg("line", { class: "axis", x1: 0, y1: height - 0.5, x2: width, y2: height - 0.5 }));
     if (max <= 0) return root;
     if (kind === "bar") {
@@ -207,9 +206,8 @@
     for (const q of ui.queues || []) for (const name of q.jobs) queueOf.set(name, q.name);
     const rows = stats.jobs.map((job) => {
       const series = byName.get(job.job);
-      const gap = series && activity ? Math.max(0, Math.floor((series.covered_since - activity.start) / activity.bucket_s)) : 0;
       const done = series ? series.succeeded.reduce((a, b) => a + b, 0) : 0;
-      const minutes = activity ? (activity.now - Math.max(activity.start, series ? series.covered_since : activity.start)) / 60 : 0;
+      const minutes = activity ? (activity.now - activity.start) / 60 : 0;
       const perMin = series && minutes > 0 ? (done / minutes).toFixed(1) : "-";
       return row(
         el("td", null, jobNameButton(job.job)),
@@ -223,9 +221,9 @@
         num(seconds(job.run_time.p95)),
         num(seconds(job.wait_time.p95)),
         num(perMin),
-        el("td", null, series ? chart(series.succeeded, { label: `${job.job} succeeded`, gapBefore: gap }) : ""),
-        el("td", null, series ? chart(series.failed, { cls: "bar-fail", label: `${job.job} failed`, gapBefore: gap }) : ""),
-        el("td", null, series ? chart(series.p95, { kind: "line", cls: "line-p95", label: `${job.job} p95 run time`, gapBefore: gap, unit: seconds }) : ""),
+        el("td", null, series ? chart(series.succeeded, { label: `${job.job} succeeded` }) : ""),
+        el("td", null, series ? chart(series.failed, { cls: "bar-fail", label: `${job.job} failed` }) : ""),
+        el("td", null, series ? chart(series.p95, { kind: "line", cls: "line-p95", label: `${job.job} p95 run time`, unit: seconds }) : ""),
       );
     });
     fill($("overview-table").tBodies[0], rows, "No jobs registered or seen yet.", 14);
@@ -238,30 +236,31 @@
       for (const s of activity.jobs) s.failed.forEach((v, i) => { failed[i] += v; });
       $("chart-throughput").replaceChildren(chart(ok, { width: 480, height: 60, label: "succeeded" }));
       $("chart-failures").replaceChildren(chart(failed, { width: 480, height: 60, cls: "bar-fail", label: "failed" }));
-      const capped = activity.jobs.filter((s) => s.covered_since > activity.start + 1);
-      $("activity-note").textContent = capped.length
-        ? `Charts read the newest ${capped[0].sampled} jobs per name; shaded minutes of ${capped.map((s) => s.job).join(", ")} are older than that.`
-        : "";
     }
   }
 
-  function renderTags(tags) {
+  function renderTags(stats) {
+    const tags = stats.tags;
     const datalist = $("known-tags");
     datalist.replaceChildren(...tags.map((t) => el("option", { text: t.tag })));
     for (const option of datalist.options) option.value = option.textContent;
-    const rows = tags.map((t) => {
-      const states = STATES.filter((s) => t.counts[s]).map((s) => `${t.counts[s]} ${s}`).join(", ") || "-";
-      return row(
-        el("td", null, el("button", { class: "tag", type: "button", text: t.tag, on: { click: () => setFilters({ tag: t.tag }) } })),
-        td(t.jobs.join(", "), "wrap"),
-        td(states, "wrap"),
-        num(pct(t.failure_rate)),
-        num(seconds(t.run_time.p50)),
-        num(seconds(t.run_time.p95)),
-        td(t.complete ? `all ${t.sampled}` : `newest ${t.sampled}`, "muted"),
-      );
-    });
+    const outcomes = (t) => STATES.filter((s) => t.counts[s]).map((s) => `${t.counts[s]} ${s}`).join(", ") || "-";
+    const rows = tags.map((t) => row(
+      el("td", null, el("button", { class: "tag", type: "button", text: t.tag, on: { click: () => setFilters({ tag: t.tag }) } })),
+      td(t.jobs.join(", "), "wrap"),
+      td(outcomes(t), "wrap"),
+      num(t.retries),
+      num(pct(t.failure_rate)),
+      num(seconds(t.run_time.p50)),
+      num(seconds(t.run_time.p95)),
+    ));
     fill($("tags-table").tBodies[0], rows, "No tags yet.", 7);
+    const notes = [];
+    if (stats.tags_kept > tags.length) notes.push(`The ${tags.length} busiest of ${stats.tags_kept} tags.`);
+    if (stats.other_tags) {
+      notes.push(`Tags past the first ${stats.max_tags} are counted together: ${outcomes(stats.other_tags)}.`);
+    }
+    $("tags-note").textContent = notes.join(" ");
   }
 
   function renderRunning(jobs) {
@@ -328,19 +327,20 @@
   }
 
   function renderFailures(data) {
+    // job "" and type "": the groups past the broker's cap, counted together
     const rows = data.groups.map((g) => row(
-      el("td", null, jobNameButton(g.job)),
+      g.job ? el("td", null, jobNameButton(g.job)) : td(`(groups past ${data.max_groups})`, "muted"),
       td(g.type, "mono"),
+      num(g.failures),
       num(g.dead),
-      num(g.retrying),
-      el("td", null, g.latest ? jobLink(g.latest.id, ago(g.latest.at)) : "-"),
-      td(g.latest ? g.latest.message || "" : "", "wrap"),
-      el("td", null, g.dead ? el("button", { type: "button", text: "Show dead",
+      el("td", null, jobLink(g.latest.id, ago(g.latest.at))),
+      td(g.latest.message || "", "wrap"),
+      el("td", null, g.dead && g.job ? el("button", { type: "button", text: "Show dead",
         on: { click: () => setFilters({ job: g.job, state: "dead", tag: "" }) } }) : ""),
     ));
     fill($("failures-table").tBodies[0], rows, "No failures. ", 7);
     const totals = Object.entries(data.dead_total).map(([job, n]) => `${job}: ${n}`).join(", ");
-    $("failures-note").textContent = `Grouped from the newest ${data.sample} dead and ${data.sample} retrying jobs.` +
+    $("failures-note").textContent = "Every failed attempt since the last purge, by job and exception type." +
       (totals ? ` Dead in total: ${totals}.` : "");
     const rejections = [];
     for (const [job, reasons] of Object.entries(data.rejections)) {
@@ -537,9 +537,10 @@
       if (changed("workers", w)) renderWorkers(workers);
       const { now: _s, ...s } = schedules;
       if (changed("schedules", s)) renderSchedules(schedules);
-      if (stats.tags && changed("tags", stats.tags)) renderTags(stats.tags);
+      const { tags, tags_kept, max_tags, other_tags } = stats;
+      if (tags && changed("tags", { tags, tags_kept, other_tags })) renderTags({ tags, tags_kept, max_tags, other_tags });
     }
-    const { now: _n, tags: _t, ...overview } = stats;
+    const { now: _n, tags: _t, tags_kept: _k, max_tags: _m, other_tags: _o, ...overview } = stats;
     ui.stats = stats;
     if (changed("overview", { overview, a: ui.activity && ui.activity.now })) renderOverview(stats, ui.activity);
     updateJobOptions(stats.jobs.map((j) => j.job));
