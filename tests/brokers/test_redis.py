@@ -169,6 +169,26 @@ def test_a_live_job_never_expires(redis_server: str) -> None:
         broker.purge()
 
 
+def test_a_claim_repeated_after_its_reply_was_lost_returns_the_same_jobs(
+    redis_server: str,
+) -> None:
+    """A claim whose reply never arrived (a timeout while Redis was frozen) is sent again with
+    the same salt: it must hand over what the first one took, not take more and strand those."""
+    with closing(connect(redis_server + "?prefix=repeat")) as broker:
+        assert isinstance(broker, RedisBroker)
+        broker.purge()
+        broker.enqueue([envelope_for("resize_video") for _ in range(5)], now=T)
+        call = ("claim", T, T + 60, "w1", 3, "salt-1.", "default")
+        first = broker._run(*call)
+        again = broker._run(*call)  # the same call: its first reply "lost"
+        assert again == first
+        others = broker.claim(["default"], "w2", 60, 10, now=T)
+        assert len(others) == 2  # nothing else was taken by the repeat
+        held = broker.stats().jobs["resize_video"].counts
+        assert held == {"running": 5}
+        broker.purge()
+
+
 # -- memory ------------------------------------------------------------------------------------
 
 

@@ -1,13 +1,34 @@
 -- claim.lua: reserve up to `limit` queued jobs under a lease, in one step.
 -- KEYS[1] P:j. ARGV: now, lease_until, worker id, limit, attempt id salt, queue names...
 -- Reads P:paused, P:Q:<queue>; pops P:l:<queue>:* lists and P:g:<queue>:* zsets; writes P:j,
--- P:lease, P:s:*, P:n:*, P:c, P:h; a job past its expiry ends cancelled ("expired") in P:d.
+-- P:lease, P:s:*, P:n:*, P:c, P:h, P:cl:<salt>; a job past its expiry ends cancelled
+-- ("expired") in P:d.
 -- Order: queues as given, then higher priority, then lower seq (oldest first).
 -- Returns msgpack: a flat array [id, envelope, attempts, attempt id, ...] (one bulk reply
 -- parses far faster in Python than a long multi-bulk one).
 local now, lease_until = tonumber(ARGV[1]), tonumber(ARGV[2])
 local worker, limit, salt = ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local out, n = {}, 0
+
+-- The salt is new per call: seen before, this is the same call repeated after its reply was
+-- lost (a timeout, a dropped connection). Return what it claimed then, still owned, instead of
+-- claiming more: jobs claimed by a reply nobody read would wait for their lease to run out.
+local made = P .. ':cl:' .. salt
+local before = redis.call('GET', made)
+if before then
+  local claimed = cmsgpack.unpack(before)
+  for i = 1, #claimed, 2 do
+    local raw = redis.call('HGET', J, claimed[i])
+    local r = raw and cmsgpack.unpack(raw)
+    if r and not is_fresh(r) and owned(r, claimed[i + 1]) then
+      out[#out + 1] = claimed[i]
+      out[#out + 1] = r.e
+      out[#out + 1] = r.a
+      out[#out + 1] = r.ai
+    end
+  end
+  return cmsgpack.pack(out)
+end
 
 -- A queued job (expanded, already out of its list or zset) starts running, or ends expired.
 local function start(id, r, fresh)
@@ -151,6 +172,15 @@ for i = 6, #ARGV do
       claim_group(queue, members)
     end
   end
+end
+if n > 0 then  -- (id, attempt id) per job, for a repeat of this call; kept for the lease
+  local claimed = {}
+  for i = 1, #out, 4 do
+    claimed[#claimed + 1] = out[i]
+    claimed[#claimed + 1] = out[i + 3]
+  end
+  local ttl_ms = math.max(1, math.ceil((lease_until - now) * 1000))
+  redis.call('SET', made, cmsgpack.pack(claimed), 'PX', ttl_ms)
 end
 flush()
 return cmsgpack.pack(out)
