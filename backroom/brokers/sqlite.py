@@ -694,11 +694,19 @@ class SQLiteBroker(Broker):
         with self._tx() as db:
             rows = db.execute(
                 f"DELETE FROM jobs WHERE id IN ({marks}) AND state IN "
-                "('succeeded', 'dead', 'cancelled', 'rejected') RETURNING seq",
+                "('succeeded', 'dead', 'cancelled', 'rejected') RETURNING seq, envelope",
                 list(job_ids),
             ).fetchall()
-            db.executemany("DELETE FROM tags WHERE seq = ?", rows)
+            self._untag(db, rows)
         return len(rows)
+
+    @staticmethod
+    def _untag(db: sqlite3.Connection, rows: Iterable[tuple[int, bytes]]) -> None:
+        """Forget the tag index entries of deleted jobs, by primary key (tag, seq)."""
+        db.executemany(
+            "DELETE FROM tags WHERE tag = ? AND seq = ?",
+            [(tag, seq) for seq, raw in rows for tag in sqlite_stats.tags_of(raw)],
+        )
 
     def pause(self, queue: str) -> None:
         with self._tx() as db:
@@ -848,10 +856,10 @@ class SQLiteBroker(Broker):
         with self._tx() as db:
             rows = db.execute(
                 f"DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE state IN ({marks}) "
-                "AND finished_at < ? LIMIT ?) RETURNING seq",
+                "AND finished_at < ? LIMIT ?) RETURNING seq, envelope",
                 (*wanted, finished_before, limit),
             ).fetchall()
-            db.executemany("DELETE FROM tags WHERE seq = ?", rows)
+            self._untag(db, rows)
         return len(rows)
 
     # -- reading ----------------------------------------------------------------------------------

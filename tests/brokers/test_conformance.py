@@ -591,6 +591,18 @@ def test_delete_forgets_finished_jobs_only(broker: Broker) -> None:
     assert broker.delete([]) == 0
 
 
+def test_deleted_and_pruned_jobs_leave_the_tag_listing(broker: Broker) -> None:
+    ids = [enqueue_one(broker, tags=("customer:7", "video")) for _ in range(3)]
+    claims = broker.claim(["default"], "w1", 60, limit=3, now=T)
+    assert broker.ack([(c, None) for c in claims], now=T + 1) == [True] * 3
+    assert broker.delete([ids[0]]) == 1
+    assert broker.prune(T + 2, [State.SUCCEEDED]) == 2
+    kept = enqueue_one(broker, tags=("video",))
+    for tag in ("customer:7", "video"):
+        listed = [r.id for r in broker.jobs(JobQuery(tag=tag))]
+        assert listed == ([kept] if tag == "video" else [])
+
+
 def test_release_hands_a_running_job_back_at_once_without_counting_the_attempt(
     broker: Broker,
 ) -> None:
