@@ -108,6 +108,13 @@ START_RUN = """UPDATE jobs SET state = 'running', attempts = attempts + 1, lease
 # A write that needs the lease: matches only while this claim still owns the running job.
 OWNED = "id = ? AND attempt_id = ? AND state = 'running'"
 RETURNS = "RETURNING job, queue, started_at, unique_key, unique_for"
+ACK_CHUNK = 200  # outcomes per UPDATE (4 parameters each)
+# successes, set-based: a cancel asked for too late is cleared (it succeeded all the same)
+ACK_SQL = """WITH v(id, ai, result, started) AS (VALUES {values})
+UPDATE jobs SET state = 'succeeded', lease_until = NULL, result = v.result, finished_at = ?,
+    progress = 1.0, reason = NULL, started_at = coalesce(v.started, jobs.started_at)
+FROM v WHERE jobs.id = v.id AND jobs.attempt_id = v.ai AND jobs.state = 'running'
+RETURNING jobs.id, jobs.job, jobs.queue, jobs.started_at, jobs.unique_key, jobs.unique_for"""
 SELECT_OWNED = f"""SELECT seq, job, queue, cancel_requested, reason, unique_key, unique_for
     FROM jobs WHERE {OWNED}"""
 REQUEUE_RELEASED = """UPDATE jobs SET state = 'queued', attempts = attempts - 1, lease_until = NULL,
@@ -498,32 +505,33 @@ class SQLiteBroker(Broker):
         return True
 
     def ack(self, outcomes: Sequence[Outcome], now: float | None = None) -> list[bool]:
+        """One set-based UPDATE per chunk of outcomes (not one statement per job)."""
         now = _now(now)
-        encoded = [(o[0], encode_json(o[1]), started_of(o)) for o in outcomes]
-        done: list[bool] = []
+        rows = [(o[0].id, o[0].attempt_id, encode_json(o[1]), started_of(o)) for o in outcomes]
+        owned: dict[str, tuple[Any, ...]] = {}
         deltas: Counter[tuple[str, str, str]] = Counter()
         runs: list[tuple[str, str, float]] = []
         with self._tx() as db:
-            for claim, result, started in encoded:
-                columns: dict[str, Any] = {"started_at": started} if started else {}
-                done.append(
-                    self._end(
-                        db,
-                        claim,
-                        "succeeded",
-                        now,
-                        deltas,
-                        runs,
-                        result=result,
-                        finished_at=now,
-                        progress=1.0,
-                        reason=None,  # a cancel asked for too late: it succeeded all the same
-                        **columns,
-                    )
-                )
+            for start in range(0, len(rows), ACK_CHUNK):
+                chunk = rows[start : start + ACK_CHUNK]
+                values = ", ".join(["(?, ?, ?, ?)"] * len(chunk))
+                for row in db.execute(
+                    ACK_SQL.format(values=values), (*(x for r in chunk for x in r), now)
+                ):
+                    owned[row[0]] = row
+            done = [row[0] in owned for row in rows]
+            for (job_id, *_), ok in zip(rows, done, strict=True):
+                if not ok:
+                    continue
+                _, job, queue, started_at, ukey, ufor = owned[job_id]
+                deltas[(job, queue, "running")] -= 1
+                deltas[(job, queue, "succeeded")] += 1
+                runs.append((job, "run", now - (started_at or now)))
+                if ukey is not None:
+                    self._free_unique(db, job_id, ukey, ufor, "finish")
             self._count(db, deltas)
             self._time(db, runs)
-            # _end appended one (job, "run", seconds) per claim it recorded, in order
+            # one (job, "run", seconds) per claim recorded, in order
             acked = [outcome[0] for outcome, ok in zip(outcomes, done, strict=True) if ok]
             self._stats.write(db, sqlite_stats.Tally.of_acks(now, acked, runs))
         return done

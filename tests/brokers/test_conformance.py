@@ -591,6 +591,22 @@ def test_delete_forgets_finished_jobs_only(broker: Broker) -> None:
     assert broker.delete([]) == 0
 
 
+def test_one_ack_of_hundreds_records_each_success_and_skips_lost_leases(broker: Broker) -> None:
+    broker.enqueue([envelope_for("resize_video") for _ in range(450)], now=T)
+    claims = broker.claim(["default"], "w1", 60, limit=450, now=T)
+    assert len(claims) == 450
+    lost = claims[300]
+    broker.sweep_expired(now=T)  # nothing expired yet
+    stale = Claim(lost.envelope, lost.lease_until, "not-the-attempt-id")
+    outcomes = [(c, {"n": i}) for i, c in enumerate(claims)]
+    outcomes[300] = (stale, None)
+    done = broker.ack(outcomes, now=T + 1)
+    assert done == [True] * 300 + [False] + [True] * 149
+    assert record_of(broker, claims[449].id).result == {"n": 449}
+    assert state_of(broker, lost.id) == State.RUNNING
+    assert broker.stats().jobs["resize_video"].counts == {"succeeded": 449, "running": 1}
+
+
 def test_deleted_and_pruned_jobs_leave_the_tag_listing(broker: Broker) -> None:
     ids = [enqueue_one(broker, tags=("customer:7", "video")) for _ in range(3)]
     claims = broker.claim(["default"], "w1", 60, limit=3, now=T)
