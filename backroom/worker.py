@@ -185,7 +185,7 @@ class Worker:
         self._mean_run = 0.0  # recent mean run time (s), which sizes the prefetch
         self._prefetch_paused = False  # after a hand-back, until the next job finishes
         self._watcher: asyncio.Future[list[Claim]] | None = None  # the waiter thread's wait
-        self._waiter_claims = 0  # how many jobs that wait claims when it ends
+        self._waiter_claiming = False  # the waiter thread claimed: its result is not taken yet
         self._tasks: set[asyncio.Task[Any]] = set()  # outcome recording off the fast path
         self._done: list[str] = []  # finished job ids not yet told to the supervisor
         self._stopping = False
@@ -269,12 +269,20 @@ class Worker:
             if 0 < len(self._outcomes) < GATHER_MAX and len(self._pending) > self._prefetch() // 2:
                 await asyncio.sleep(GATHER_S)  # the threads are busy: let a batch gather
             self._changed.clear()  # before the work: a wake-up during it is not lost
+            if self._watcher is not None and self._watcher.done():
+                # first: what the waiter claimed counts before the loop claims. A wait that
+                # ended may also have consumed a wake-up that came after the last claim (Redis
+                # publishes only when a queue turns non-empty): the loop claims below
+                self._take_waiter_claims(self._watcher)
+                self._watcher = None
             try:
                 self._take_outcomes()
                 await self._flush()
                 want = self._wanted()
                 claims: list[Claim] = []
-                if want > 0 and not self._waiter_claims:
+                # an idle worker leaves claiming to its waiter thread, which claims as soon as
+                # work comes (no hop through the loop and the broker thread first)
+                if want > 0 and (self._running or self._watcher is None):
                     claims = await self._call(
                         self.broker.claim, self.queues, self.id, self.lease, want
                     )
@@ -302,41 +310,38 @@ class Worker:
                 await _first(self._changed.wait(), timeout=failing)
                 continue
             watcher = self._watcher
-            if watcher is None or watcher.done():
-                woke = watcher is not None
-                if watcher is not None:
-                    self._take_waiter_claims(watcher)
-                # an idle worker's waiter claims itself as soon as work comes (no hop through
-                # the loop and the broker thread first); a busy worker's loop claims
-                self._waiter_claims = 0 if self._running else max(0, self._room())
+            if watcher is None:
                 self._watcher = watcher = asyncio.wrap_future(
-                    self._waiter.submit(self._wait_and_claim, self._waiter_claims)
+                    self._waiter.submit(self._wait_and_claim)
                 )
-                if woke:
-                    # the finished wait may have consumed a wake-up that came after the last
-                    # claim (Redis publishes only when a queue turns non-empty): claim again
-                    # before waiting, or the job sits until the next wait times out
-                    continue
             if self._acks or self._done or self._outcomes:
                 continue
             await _first(self._changed.wait(), watcher, timeout=1.0)
 
-    def _wait_and_claim(self, limit: int) -> list[Claim]:
-        """On the waiter thread: wait for work, then claim up to `limit` jobs at once. It claims
-        before it waits too: a wake-up the last wait consumed may have come after the last
-        claim."""
-        if limit > 0 and not self._stopping:
-            claims = self.broker.claim(self.queues, self.id, self.lease, limit)
-            if claims:
-                return claims
+    def _wait_and_claim(self) -> list[Claim]:
+        """On the waiter thread: wait for work and, if the worker is idle then, claim at once
+        (no hop through the loop and the broker thread first; a busy worker's loop claims).
+        An idle worker claims before it waits too: a wake-up the last wait consumed may have
+        come after the last claim."""
+        claims = self._claim_if_idle()
+        if claims:
+            return claims
         self.broker.wait_for_work(self.queues, 1.0)
-        if limit <= 0 or self._stopping:
+        return self._claim_if_idle()
+
+    def _claim_if_idle(self) -> list[Claim]:
+        with self._lock:
+            if self._running or self._stopping:
+                return []
+            room = self._room()
+            self._waiter_claiming = room > 0
+        if room <= 0:
             return []
-        return self.broker.claim(self.queues, self.id, self.lease, limit)
+        return self.broker.claim(self.queues, self.id, self.lease, room)
 
     def _take_waiter_claims(self, watcher: asyncio.Future[list[Claim]]) -> list[Claim]:
         """What a finished wait claimed, admitted (a failed wait only means "look again")."""
-        self._waiter_claims = 0
+        self._waiter_claiming = False
         if watcher.cancelled() or watcher.exception() is not None:
             return []
         claims = watcher.result()
@@ -788,7 +793,12 @@ class Worker:
         """Hand back the jobs claimed ahead at once; let running jobs finish within the grace
         period, then hand the rest back at once."""
         assert self._changed is not None
-        if self._watcher is not None and self._waiter_claims:  # it may be claiming right now
+        # burst and recycle end the loop without a stop: mark it, so the waiter thread (which
+        # may outlive this worker, blocked in a wait) never claims again
+        with self._lock:
+            self._stopping = True
+            claiming = self._waiter_claiming
+        if self._watcher is not None and claiming:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._watcher), timeout=self.lease)
             if self._watcher.done():

@@ -346,6 +346,15 @@ def test_jobs_claimed_ahead_that_wait_too_long_go_back_for_other_workers(
         assert final(blocker)["state"] == "succeeded"
 
 
+def test_a_worker_that_ended_never_claims_again_from_its_waiter_thread(app: backroom.App) -> None:
+    worker = Worker(app, burst=True)
+    assert worker.run() == 0  # nothing to do: it ends without being stopped
+    handle = app.enqueue("remember", {"n": 1})
+    # its waiter thread may still be blocked in a wait that this enqueue ends: it must not claim
+    assert worker._wait_and_claim() == []
+    assert handle.status() == "queued"
+
+
 def test_a_stop_hands_back_jobs_claimed_ahead_at_once_and_lets_running_ones_finish(
     app: backroom.App,
 ) -> None:
