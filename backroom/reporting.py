@@ -86,6 +86,8 @@ def tag_summary(stats: TagStats) -> dict[str, Any]:
         "total": sum(counts.values()),
         "retries": stats.retries,
         "run_time": histogram_summary(stats.run_time),
+        "wait_time": histogram_summary(stats.wait_time),
+        "running": stats.running,
         "failure_rate": counts["dead"] / finished if finished else 0.0,
         "jobs": sorted(stats.jobs),
         "by_job": dict(stats.jobs),
@@ -93,14 +95,16 @@ def tag_summary(stats: TagStats) -> dict[str, Any]:
 
 
 def tag_report(app: App, limit: int = TAG_ROWS) -> dict[str, Any]:
-    """Per tag since the last purge: final outcomes, retries, run-time p50/p95/max, failure rate
-    and job names, from the broker's counters (every worker on every host). The `limit`
-    busiest tags are listed, by name; tags the registry or schedules declare are listed (at 0)
+    """Per tag since the last purge: final outcomes, retries, run-time and wait-time p50/p95/max,
+    failure rate and job names, and the jobs running now, from the broker's counters (every
+    worker on every host). The `limit` busiest tags (outcomes, retries and running jobs) are
+    listed, by name; tags the registry or schedules declare are listed (at 0)
     where there is room. `tags_kept` says how many tags the broker holds numbers for (at most
     `max_tags`); `other_tags` sums the tags past that cap, or is None."""
     stats = app.broker.stats(tags=True)
     busiest = sorted(
-        stats.tags.values(), key=lambda t: (-(sum(t.counts.values()) + t.retries), t.tag)
+        stats.tags.values(),
+        key=lambda t: (-(sum(t.counts.values()) + t.retries + max(t.running, 0)), t.tag),
     )[: max(0, limit)]
     rows = {t.tag: tag_summary(t) for t in busiest}
     declared = [tag for spec in app.registry for tag in spec.tags]

@@ -53,15 +53,16 @@ def tags_table(summary: dict[str, Any]) -> Table:
     table.add_column("tag", no_wrap=True)
     table.add_column("jobs")
     table.add_column("outcomes")
-    for header in ("retries", "failure rate", "p50 run", "p95 run", "max run"):
+    for header in ("running", "retries", "failure rate", "p50 run", "p95 run", "max run",
+                   "p95 wait"):  # fmt: skip
         table.add_column(header, justify="right", no_wrap=True)
     for row in summary["tags"]:
         outcomes = ", ".join(f"{n} {state}" for state, n in row["counts"].items() if n) or "-"
-        run = row["run_time"]
+        run, wait = row["run_time"], row["wait_time"]
         table.add_row(
-            row["tag"], ", ".join(row["jobs"]) or "-", outcomes, str(row["retries"]),
-            f"{row['failure_rate']:.1%}", seconds(run["p50"]), seconds(run["p95"]),
-            seconds(run["max"]),
+            row["tag"], ", ".join(row["jobs"]) or "-", outcomes, str(row["running"]),
+            str(row["retries"]), f"{row['failure_rate']:.1%}", seconds(run["p50"]),
+            seconds(run["p95"]), seconds(run["max"]), seconds(wait["p95"]),
         )  # fmt: skip
     return table
 

@@ -119,13 +119,17 @@ class TagStats:
     outcomes as they were recorded (succeeded, dead, rejected, cancelled: events, so a job
     retried by hand and then succeeding counts once dead and once succeeded), `retries` failed
     attempts that were retried, `jobs` finished jobs per job name, `run_time` every attempt that
-    ran to an outcome (as JobStats.run_time)."""
+    ran to an outcome (as JobStats.run_time), `wait_time` the time each claimed attempt waited
+    queued (as JobStats.wait_time, sampled at claim), `running` the jobs running now (current,
+    not a total: +1 at claim, -1 whenever a running job leaves running)."""
 
     tag: str
     counts: Mapping[str, int] = field(default_factory=dict)
     retries: int = 0
     jobs: Mapping[str, int] = field(default_factory=dict)
     run_time: Histogram = field(default_factory=Histogram)
+    wait_time: Histogram = field(default_factory=Histogram)
+    running: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,25 +273,32 @@ class StatsBuilder:
 # outcomes ("succeeded", "dead", "rejected", "cancelled", "retry"), the run-time histogram
 # ("r:<bucket>" -> samples, whose sum is the count; "rt" total and "rm" max in whole
 # microseconds, so Redis' HINCRBY serves them), and per tag "j:<job name>" -> finished jobs of
-# that name.
+# that name, the wait-time histogram sampled at claim ("w:<bucket>", "wt", "wm", as the run
+# time's) and "running" (+1 at claim, -1 when a running job leaves running: a current count).
 
 OUTCOME_KINDS = ("succeeded", "dead", "rejected", "cancelled")
 TIMELINE_KINDS = ("succeeded", "dead", "rejected")  # the outcomes the timeline counts (+ retry)
-MAX_KIND = "rm"  # the one kind that keeps a maximum instead of a sum
+MAX_KIND = "rm"  # the run time's maximum: kept as a maximum instead of a sum
+MAX_KINDS = (MAX_KIND, "wm")  # every kind that keeps a maximum (per tag, the wait time's too)
+RUNNING_KIND = "running"
 
 
 def micros(seconds: float) -> int:
     return int(max(seconds, 0.0) * 1e6 + 0.5)
 
 
-def histogram_of(kinds: Mapping[str, int]) -> Histogram:
-    """The run-time histogram kept in counters "r:<bucket>", "rt" and "rm"."""
-    buckets = {int(kind[2:]): n for kind, n in kinds.items() if kind.startswith("r:") and n}
+def histogram_of(kinds: Mapping[str, int], prefix: str = "r") -> Histogram:
+    """The histogram kept in counters "<prefix>:<bucket>", "<prefix>t" and "<prefix>m" ("r": run
+    time, "w": wait time)."""
+    head = prefix + ":"
+    buckets = {
+        int(kind[len(head) :]): n for kind, n in kinds.items() if kind.startswith(head) and n
+    }
     return Histogram(
         buckets=buckets,
         count=sum(buckets.values()),
-        total=kinds.get("rt", 0) / 1e6,
-        max=kinds.get("rm", 0) / 1e6,
+        total=kinds.get(prefix + "t", 0) / 1e6,
+        max=kinds.get(prefix + "m", 0) / 1e6,
     )
 
 
@@ -298,6 +309,8 @@ def tag_stats(tag: str, kinds: Mapping[str, int]) -> TagStats:
         retries=kinds.get("retry", 0),
         jobs={kind[2:]: n for kind, n in sorted(kinds.items()) if kind.startswith("j:") and n},
         run_time=histogram_of(kinds),
+        wait_time=histogram_of(kinds, "w"),
+        running=kinds.get(RUNNING_KIND, 0),
     )
 
 

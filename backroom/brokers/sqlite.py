@@ -122,8 +122,8 @@ REQUEUE_RELEASED = """UPDATE jobs SET state = 'queued', attempts = attempts - 1,
 # The reason is kept so that the job ends with it even when its worker never reports back.
 REQUEST_CANCEL = "UPDATE jobs SET cancel_requested = 1, reason = ? WHERE seq = ?"
 SELECT_LEASE_EXPIRED = """SELECT seq, id, job, queue, attempts, max_retries, unique_key,
-    unique_for, cancel_requested, reason FROM jobs WHERE state = 'running' AND lease_until < ?
-    ORDER BY lease_until LIMIT ?"""
+    unique_for, cancel_requested, reason, envelope FROM jobs
+    WHERE state = 'running' AND lease_until < ? ORDER BY lease_until LIMIT ?"""
 RECORD_COLUMNS = """id, state, envelope, attempts, created_at, queued_at, started_at,
     finished_at, progress, progress_message, result, error, reason, worker_id,
     cancel_requested, job, queue, seq"""
@@ -406,7 +406,9 @@ class SQLiteBroker(Broker):
                         db.execute(START_RUN, (lease_until, worker_id, token, now, seq))
                         self._free_unique(db, job_id, ukey, ufor, "start")
                         deltas[(job, q, "running")] += 1
-                        waits.append((job, "wait", now - (queued_at or now)))
+                        wait_s = now - (queued_at or now)
+                        waits.append((job, "wait", wait_s))
+                        tally.start(env.tags, wait_s)
                         claims.append(Claim(env, lease_until, token))
                 if len(claims) >= limit:
                     break
@@ -578,6 +580,7 @@ class SQLiteBroker(Broker):
                 job, _, run_s = runs[-1]
                 tags, tally = claim.envelope.tags, sqlite_stats.Tally(now)
                 tally.run(job, tags, run_s)
+                tally.leave(tags)
                 if retry_at is None:
                     tally.outcome(job, tags, "dead")
                 elif owned is not None and owned[3]:
@@ -599,6 +602,7 @@ class SQLiteBroker(Broker):
                 self._event(db, claim.envelope.job, f"reject:{reason_category(reason)}")
                 tally = sqlite_stats.Tally(now)
                 tally.outcome(runs[-1][0], claim.envelope.tags, "rejected")
+                tally.leave(claim.envelope.tags)
                 self._stats.write(db, tally)
         return ok
 
@@ -614,6 +618,7 @@ class SQLiteBroker(Broker):
                 self._count(db, deltas)
                 tally = sqlite_stats.Tally(now)
                 tally.outcome(runs[-1][0], claim.envelope.tags, "cancelled")
+                tally.leave(claim.envelope.tags)
                 self._stats.write(db, tally)
         return ok
 
@@ -630,6 +635,7 @@ class SQLiteBroker(Broker):
                 seq, job, queue, cancel_wanted, reason, ukey, ufor = row
                 released += 1
                 deltas[(job, queue, "running")] -= 1
+                tally.leave(claim.envelope.tags)
                 if cancel_wanted:  # told to stop: it must not run again
                     self._finish_row(db, seq, "cancelled", now, reason=reason or "cancelled")
                     self._free_unique(db, claim.id, ukey, ufor, "finish")
@@ -805,14 +811,16 @@ class SQLiteBroker(Broker):
         with self._tx() as db:
             rows = db.execute(SELECT_LEASE_EXPIRED, (now, limit)).fetchall()
             for row in rows:
-                seq, job_id, job, queue, attempts, max_retries, ukey, ufor, cancel_wanted, why = row
+                seq, job_id, job, queue, attempts, max_retries, ukey, ufor, cancel_wanted = row[:9]
+                why, tags = row[9], sqlite_stats.tags_of(row[10])  # the tags it was claimed with
                 deltas[(job, queue, "running")] -= 1
+                tally.leave(tags)
                 self._event(db, job, "recovery")
                 if cancel_wanted:  # told to stop before its worker was lost: never run it again
                     self._finish_row(db, seq, "cancelled", now, reason=why or "cancelled")
                     self._free_unique(db, job_id, ukey, ufor, "finish")
                     deltas[(job, queue, "cancelled")] += 1
-                    tally.outcome(job, self._stored_tags(db, seq), "cancelled")
+                    tally.outcome(job, tags, "cancelled")
                 elif attempts > max_retries:
                     lost = {
                         "type": "LeaseExpired",
@@ -821,7 +829,7 @@ class SQLiteBroker(Broker):
                         "traceback": "",
                     }
                     error = _failure_encoder.encode(lost)
-                    tally.outcome(job, self._stored_tags(db, seq), "dead")
+                    tally.outcome(job, tags, "dead")
                     tally.failure(job, job_id, lost["type"], lost["message"], True)
                     db.execute(
                         "UPDATE jobs SET state = 'dead', finished_at = ?, lease_until = NULL, "

@@ -17,7 +17,9 @@ from backroom.brokers.base import (
     FAILURE_MESSAGE_CHARS,
     MAX_FAILURE_GROUPS,
     MAX_KIND,
+    MAX_KINDS,
     MAX_TAGS,
+    RUNNING_KIND,
     TIMELINE_KEEP_MINUTES,
     TIMELINE_KINDS,
     Claim,
@@ -32,7 +34,8 @@ from backroom.brokers.base import (
 # Tables: tag_names (the tags with numbers of their own, at most MAX_TAGS), tag_counts (tag,
 # kind -> n; tag "" sums the tags past the cap), timeline (minute number, job, kind -> n; the
 # last TIMELINE_KEEP_MINUTES minutes), failure_groups (job, exception type -> counts and the
-# latest). Kinds are base.py's: outcomes, "retry", "r:<bucket>", "rt", "rm", "j:<job>".
+# latest). Kinds are base.py's: outcomes, "retry", "r:<bucket>", "rt", "rm", "j:<job>", and per
+# tag "w:<bucket>", "wt", "wm" and "running".
 STATS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS tag_names (tag TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tag_counts (tag TEXT, kind TEXT, n INTEGER NOT NULL,
@@ -45,10 +48,11 @@ CREATE TABLE IF NOT EXISTS failure_groups (job TEXT, type TEXT, failures INTEGER
 """
 STATS_TABLES = ("tag_names", "tag_counts", "timeline", "failure_groups")
 
-# One statement serves sums and the maximum: "rm" keeps the larger value, every other kind adds.
+# One statement serves sums and maxima: "rm" and "wm" keep the larger value, every other kind
+# adds ("running" adds negative numbers too).
 UPSERT_TAG = f"""INSERT INTO tag_counts (tag, kind, n) VALUES (?, ?, ?)
     ON CONFLICT (tag, kind) DO UPDATE SET
-    n = CASE WHEN kind = '{MAX_KIND}' THEN MAX(n, excluded.n) ELSE n + excluded.n END"""
+    n = CASE WHEN kind IN {MAX_KINDS!r} THEN MAX(n, excluded.n) ELSE n + excluded.n END"""
 UPSERT_MINUTE = f"""INSERT INTO timeline (minute, job, kind, n) VALUES (?, ?, ?, ?)
     ON CONFLICT (minute, job, kind) DO UPDATE SET
     n = CASE WHEN kind = '{MAX_KIND}' THEN MAX(n, excluded.n) ELSE n + excluded.n END"""
@@ -79,19 +83,24 @@ def tags_of(envelope: bytes) -> tuple[str, ...]:
 
 
 def _add(counters: dict[tuple[object, ...], int], key: tuple[object, ...], n: int) -> None:
-    if key[-1] == MAX_KIND:
+    if key[-1] in MAX_KINDS:
         counters[key] = max(counters.get(key, 0), n)
     else:
         counters[key] = counters.get(key, 0) + n
 
 
-def _run_counters(samples: list[float]) -> list[tuple[str, int]]:
-    """A run-time histogram's counters for these samples (seconds): per "r:<bucket>", and "rt"
-    and "rm" in whole microseconds, each sample rounded as the Lua scripts round it."""
+def _histogram_counters(samples: list[float], prefix: str = "r") -> list[tuple[str, int]]:
+    """A histogram's counters for these samples (seconds): per "<prefix>:<bucket>", and
+    "<prefix>t" and "<prefix>m" in whole microseconds, each sample rounded as the Lua scripts
+    round it. `prefix` is "r" (run time) or "w" (wait time)."""
     clamped = [s if s > 0.0 else 0.0 for s in samples]
     buckets = Counter(map(bisect_left, repeat(BUCKET_BOUNDS), clamped))
     us = [int(s * 1e6 + 0.5) for s in clamped]
-    return [*((f"r:{b}", n) for b, n in buckets.items()), ("rt", sum(us)), (MAX_KIND, max(us))]
+    return [
+        *((f"{prefix}:{b}", n) for b, n in buckets.items()),
+        (prefix + "t", sum(us)),
+        (prefix + "m", max(us)),
+    ]
 
 
 class Tally:
@@ -99,13 +108,24 @@ class Tally:
     methods only note what happened (they run once per job); SQLiteStats.write adds it up and
     writes one upsert per distinct key. A call has one `now`, so one minute."""
 
-    __slots__ = ("events", "failures", "minute", "now", "runs")
+    __slots__ = ("events", "failures", "left", "minute", "now", "runs", "waits")
 
     def __init__(self, now: float) -> None:
         self.now, self.minute = now, minute_of(now)
         self.events: list[tuple[str, Sequence[str], str]] = []  # (job, tags, kind)
         self.runs: list[tuple[str, Sequence[str], float]] = []  # (job, tags, seconds)
+        self.waits: list[tuple[Sequence[str], float]] = []  # (tags, seconds): jobs started
+        self.left: list[Sequence[str]] = []  # tags of jobs that left running
         self.failures: list[tuple[str, str, str, str, bool]] = []
+
+    def start(self, tags: Sequence[str], wait_s: float) -> None:
+        """A job started running (claimed) after waiting `wait_s` queued."""
+        self.waits.append((tags, wait_s))
+
+    def leave(self, tags: Sequence[str]) -> None:
+        """A running job left running: any outcome, a retry, a release or a lost lease. Every
+        path out of running calls it once, with the tags the job was claimed with."""
+        self.left.append(tags)
 
     def outcome(self, job: str, tags: Sequence[str], state: str) -> None:
         """A job ended in final `state`."""
@@ -128,6 +148,7 @@ class Tally:
         for claim, (job, _, seconds) in zip(claims, runs, strict=True):
             tally.runs.append((job, claim.envelope.tags, seconds))
             tally.events.append((job, claim.envelope.tags, "succeeded"))
+            tally.left.append(claim.envelope.tags)
         return tally
 
     def failure(self, job: str, job_id: str, error_type: str, message: str, dead: bool) -> None:
@@ -146,11 +167,25 @@ class Tally:
                 if tag:
                     by_tag.setdefault(tag, []).append(seconds)
         for job, samples in by_job.items():
-            for kind, n in _run_counters(samples):
+            for kind, n in _histogram_counters(samples):
                 minutes[(self.minute, job, kind)] = n
         for tag, samples in by_tag.items():
-            for kind, n in _run_counters(samples):
+            for kind, n in _histogram_counters(samples):
                 tags[(tag, kind)] = n
+        waits: dict[str, list[float]] = {}
+        for job_tags, seconds in self.waits:
+            for tag in job_tags:
+                if tag:
+                    waits.setdefault(tag, []).append(seconds)
+        for tag, samples in waits.items():
+            for kind, n in _histogram_counters(samples, "w"):
+                tags[(tag, kind)] = n
+        running: Counter[str] = Counter()
+        for job_tags, _ in self.waits:
+            running.update(tag for tag in job_tags if tag)
+        for job_tags in self.left:
+            running.subtract(tag for tag in job_tags if tag)
+        tags.update({(tag, RUNNING_KIND): n for tag, n in running.items() if n})
         events = self.events
         for (job, kind), n in Counter((job, kind) for job, _, kind in events).items():
             if kind in TIMELINE_KINDS or kind == "retry":
@@ -177,7 +212,7 @@ class SQLiteStats:
 
     def write(self, db: sqlite3.Connection, tally: Tally) -> None:
         """Inside the caller's transaction: the statements for everything `tally` noted."""
-        if not (tally.events or tally.runs or tally.failures):
+        if not (tally.events or tally.runs or tally.failures or tally.waits or tally.left):
             return
         minutes, tags = tally.counters()
         if tags:

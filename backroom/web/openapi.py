@@ -206,7 +206,8 @@ def openapi(job_names: list[str]) -> dict[str, Any]:
         "/api/stats": {
             "get": _op(
                 "Per job name: counts by state, p50/p95/max run and wait time, failure rate; "
-                "per tag: outcomes, retries, run time, failure rate; queues, paused, schedules",
+                "per tag: outcomes, retries, run and wait time, running now, failure rate; "
+                "queues, paused, schedules",
                 parameters=[_query("tags", "0 leaves the per-tag part out", {"enum": ["0", "1"]})],
             )
         },

@@ -1,5 +1,6 @@
 """The Broker contract, part 4: the numbers kept in the broker besides the per-job counters. Per
-tag (outcomes, retries, job names, run-time histogram, at most MAX_TAGS tags), per job name and
+tag (outcomes, retries, job names, run- and wait-time histograms, jobs running now, at most
+MAX_TAGS tags), per job name and
 minute (the timeline, at most TIMELINE_KEEP_S back), failures grouped by exception type, counts
 per queue. Every test runs unchanged on memory, sqlite and redis; time moves through `now=`."""
 
@@ -25,6 +26,7 @@ from tests.brokers.test_conformance import (
     claim_one,
     enqueue_one,
     job_in_state,
+    state_of,
 )
 from tests.helpers import envelope_for
 
@@ -79,7 +81,83 @@ def test_tags_keep_a_run_time_histogram_of_every_attempt(broker: Broker) -> None
     p50, p95 = run.quantile(0.5), run.quantile(0.95)
     assert p50 is not None and 5.0 <= p50 <= 6.25  # the bucket holding the 5th sample
     assert p95 is not None and 9.0 <= p95 <= 10.0
-    assert "edge-2" not in broker.stats(tags=True).tags  # claimed, not finished
+    edge = tag(broker, "edge-2")  # claimed, not finished: running, no outcome or run time yet
+    assert (dict(edge.counts), edge.running, edge.run_time.count) == ({}, 1, 0)
+
+
+def test_tags_keep_a_wait_time_histogram_sampled_when_jobs_are_claimed(broker: Broker) -> None:
+    for waited_s in range(1, 11):  # enqueued 1 ... 10 s before the claim
+        broker.enqueue([envelope_for("resize_video", tags=("edge-1",))], now=T - waited_s)
+    broker.enqueue([envelope_for("send_email", tags=("edge-2",))], now=T)
+    claims = broker.claim(["default"], "w1", LEASE_S, limit=11, now=T)  # one batch
+    assert len(claims) == 11
+    wait = tag(broker, "edge-1").wait_time
+    assert wait.count == 10
+    assert (wait.total, wait.max) == pytest.approx((55.0, 10.0))
+    p50 = wait.quantile(0.5)
+    assert p50 is not None and 5.0 <= p50 <= 6.25  # the bucket holding the 5th sample
+    assert (tag(broker, "edge-2").wait_time.count, tag(broker, "edge-2").wait_time.max) == (1, 0.0)
+    assert tag(broker, "edge-1").run_time.count == 0  # claimed, none finished
+    # a retried attempt waits again, from when its retry came due
+    [email] = [c for c in claims if c.envelope.job == "send_email"]
+    assert broker.nack(email, FAILURE, retry_at=T + 5, now=T + 1) is True
+    assert broker.promote_due(now=T + 10) == 1
+    assert claim_one(broker, now=T + 12).id == email.id
+    again = tag(broker, "edge-2").wait_time
+    assert (again.count, again.total, again.max) == (2, pytest.approx(7.0), pytest.approx(7.0))
+
+
+def running_by_tag(broker: Broker) -> dict[str, int]:
+    return {name: t.running for name, t in broker.stats(tags=True).tags.items()}
+
+
+def test_running_per_tag_counts_each_claimed_job_until_it_leaves_running_any_way(
+    broker: Broker,
+) -> None:
+    ways = ("ack", "retry", "dead", "cancelled-on-failure", "reject", "finish-cancelled",
+            "release", "release-cancelled", "lost-requeued", "lost-dead",
+            "lost-cancelled")  # fmt: skip
+    ids = {
+        way: enqueue_one(broker, tags=("walk", way), max_retries=0 if way == "lost-dead" else 3)
+        for way in ways
+    }
+    claimed = {c.id: c for c in broker.claim(["default"], "w1", LEASE_S, limit=100, now=T)}
+    claims = {way: claimed[ids[way]] for way in ways}
+    assert running_by_tag(broker) == {"walk": len(ways), **dict.fromkeys(ways, 1)}
+    for way in ("cancelled-on-failure", "release-cancelled", "lost-cancelled"):
+        assert broker.cancel(ids[way], now=T) is True  # asked to stop: still running
+    assert running_by_tag(broker)["walk"] == len(ways)
+
+    assert broker.ack([(claims["ack"], None)], now=T + 1) == [True]
+    assert broker.nack(claims["retry"], FAILURE, retry_at=T + 2, now=T + 1) is True
+    assert broker.nack(claims["dead"], FAILURE, retry_at=None, now=T + 1) is True
+    assert broker.nack(claims["cancelled-on-failure"], FAILURE, retry_at=T + 2, now=T + 1)
+    assert broker.reject(claims["reject"], "unknown job: no job named 'x'", now=T + 1) is True
+    assert broker.finish_cancelled(claims["finish-cancelled"], "cancelled by api", now=T + 1)
+    assert broker.release([claims["release"], claims["release-cancelled"]], now=T + 1) == 2
+    lost = [ids[way] for way in ("lost-requeued", "lost-dead", "lost-cancelled")]
+    assert sorted(broker.sweep_expired(now=T + LEASE_S + 1)) == sorted(lost)
+    assert {way: state_of(broker, ids[way]) for way in ways} == {
+        "ack": State.SUCCEEDED, "retry": State.RETRYING, "dead": State.DEAD,
+        "cancelled-on-failure": State.CANCELLED, "reject": State.REJECTED,
+        "finish-cancelled": State.CANCELLED, "release": State.QUEUED,
+        "release-cancelled": State.CANCELLED, "lost-requeued": State.QUEUED,
+        "lost-dead": State.DEAD, "lost-cancelled": State.CANCELLED,
+    }  # fmt: skip
+    assert running_by_tag(broker) == {"walk": 0, **dict.fromkeys(ways, 0)}
+
+    # a claim whose lease was lost writes nothing, so it moves no count either
+    assert broker.ack([(claims["lost-requeued"], None)], now=T + LEASE_S + 2) == [False]
+    assert broker.release([claims["release"]], now=T + LEASE_S + 2) == 0
+    assert running_by_tag(broker)["walk"] == 0
+    # the jobs that went back to waiting run again, and are counted again
+    assert broker.promote_due(now=T + LEASE_S + 2) == 1  # the retry
+    again = broker.claim(["default"], "w2", LEASE_S, limit=100, now=T + LEASE_S + 3)
+    waited_again = ("retry", "release", "lost-requeued")
+    assert sorted(c.id for c in again) == sorted(ids[way] for way in waited_again)
+    assert running_by_tag(broker)["walk"] == 3
+    assert broker.ack([(c, None) for c in again], now=T + LEASE_S + 4) == [True] * 3
+    assert running_by_tag(broker) == {"walk": 0, **dict.fromkeys(ways, 0)}
 
 
 def test_one_ack_batch_counts_each_of_its_jobs_under_each_of_its_tags(broker: Broker) -> None:
@@ -108,12 +186,17 @@ def test_tags_past_the_cap_are_summed_together_and_kept_tags_keep_counting(
     )
     claims = broker.claim(["default"], "w1", LEASE_S, limit=MAX_TAGS + extra, now=T)
     assert len(claims) == MAX_TAGS + extra
+    stats = broker.stats(tags=True)
+    assert len(stats.tags) == MAX_TAGS and all(t.running == 1 for t in stats.tags.values())
+    assert stats.other_tags is not None
+    assert (stats.other_tags.running, stats.other_tags.wait_time.count) == (extra, extra)
     assert all(broker.ack([(c, None) for c in claims], now=T + 1))
     stats = broker.stats(tags=True)
     assert len(stats.tags) == MAX_TAGS
     assert stats.other_tags is not None
     assert dict(stats.other_tags.counts) == {"succeeded": extra}
     assert stats.other_tags.run_time.count == extra
+    assert stats.other_tags.running == 0 and all(t.running == 0 for t in stats.tags.values())
     kept = next(iter(stats.tags))
     enqueue_one(broker, tags=(kept, "one-more-new-tag"))
     assert broker.ack([(claim_one(broker, now=T + 2), None)], now=T + 3) == [True]

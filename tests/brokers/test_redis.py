@@ -307,8 +307,41 @@ def test_an_ack_batch_writes_its_numbers_with_commands_that_do_not_grow_with_it(
         assert isinstance(broker, RedisBroker)
         small = counter_writes_for_an_ack_of(broker, client, 10)
         large = counter_writes_for_an_ack_of(broker, client, 100)
-        # P:c 2 and P:h 3 (as before), the minute's 3, per tag 4, a SISMEMBER per tag, 1 EXPIRE
-        assert small == large == 2 + 3 + 3 + 2 * 4 + 2 + 1
+        # P:c 2 and P:h 3 (as before), the minute's 3, per tag 5 (succeeded, j:<job>, a run
+        # bucket, rt, running), a SISMEMBER per tag, 1 EXPIRE
+        assert small == large == 2 + 3 + 3 + 2 * 5 + 2 + 1
+        broker.purge()
+
+
+def counter_writes_for_a_claim_of(broker: RedisBroker, client: redis.Redis, jobs: int) -> int:
+    """HINCRBY, SISMEMBER and EXPIRE commands a claim of `jobs` tagged jobs runs; they all
+    waited 1 s, so they share one histogram bucket."""
+    broker.purge()
+    tags = ("edge-1", "vip")
+    broker.enqueue([envelope_for("resize_video", tags=tags) for _ in range(jobs + 1)], now=T)
+    broker.claim(["default"], "w1", 30, limit=1, now=T + 1)
+
+    def calls() -> int:
+        stats = client.info("commandstats")
+        return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0))
+                   for c in ("hincrby", "sismember", "expire"))  # fmt: skip
+
+    before = calls()
+    assert len(broker.claim(["default"], "w1", 30, limit=jobs, now=T + 1)) == jobs
+    return calls() - before
+
+
+def test_a_claim_batch_writes_its_numbers_with_commands_that_do_not_grow_with_it(
+    redis_server: str,
+) -> None:
+    client = redis.Redis.from_url(redis_server)
+    with closing(connect(redis_server + "?prefix=batched-claim")) as broker:
+        assert isinstance(broker, RedisBroker)
+        small = counter_writes_for_a_claim_of(broker, client, 10)
+        large = counter_writes_for_a_claim_of(broker, client, 200)
+        # P:c 2 (queued -1, running +1), P:h 3 (a wait bucket, wc, wt), the paused check 1,
+        # per tag 3 (a wait bucket, wt, running), a SISMEMBER per tag
+        assert small == large == 2 + 3 + 1 + 2 * 3 + 2
         broker.purge()
 
 

@@ -1,6 +1,7 @@
 """What only the SQLite broker's numbers promise: old timeline minutes are deleted as new ones
 are written, and an ack batch writes its numbers with statements that do not grow with it (one
-upsert per distinct key). Reads the connection's statement trace, on a real SQLite file."""
+upsert per distinct key), and so does a claim batch. Reads the connection's statement trace, on a
+real SQLite file."""
 
 from __future__ import annotations
 
@@ -65,5 +66,32 @@ def test_an_ack_batch_writes_its_numbers_with_one_upsert_per_distinct_key(
 ) -> None:
     small, large = statements_writing_numbers(broker, 10), statements_writing_numbers(broker, 100)
     assert len(large) == len(small)
-    # 2 tags x (succeeded, j:resize_video, one bucket, rt, rm) + the minute's 4 + the tag lookup
-    assert len(large) == 2 * 5 + 4 + 1, large
+    # 2 tags x (succeeded, j:resize_video, one bucket, rt, rm, running) + the minute's 4 + the
+    # tag lookup
+    assert len(large) == 2 * 6 + 4 + 1, large
+
+
+def statements_writing_numbers_at_claim(broker: SQLiteBroker, jobs: int) -> list[str]:
+    """The statements (each executemany row counts) a claim of `jobs` tagged jobs runs against
+    the per-tag tables."""
+    broker.purge()
+    tags = ("edge-1", "vip")
+    broker.enqueue([envelope_for("resize_video", tags=tags) for _ in range(jobs + 1)], now=T)
+    broker.claim(["default"], "w1", LEASE_S, limit=1, now=T)  # the tags are known from here on
+    traced: list[str] = []
+    broker._db.set_trace_callback(traced.append)
+    try:
+        assert len(broker.claim(["default"], "w1", LEASE_S, limit=jobs, now=T + 1)) == jobs
+    finally:
+        broker._db.set_trace_callback(None)
+    return [s for s in traced if any(t in s for t in ("tag_names", "tag_counts"))]
+
+
+def test_a_claim_batch_writes_its_numbers_with_one_upsert_per_distinct_key(
+    broker: SQLiteBroker,
+) -> None:
+    small = statements_writing_numbers_at_claim(broker, 10)
+    large = statements_writing_numbers_at_claim(broker, 200)
+    assert len(large) == len(small)
+    # 2 tags x (one wait bucket, wt, wm, running) + the tag lookup
+    assert len(large) == 2 * 4 + 1, large

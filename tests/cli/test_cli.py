@@ -72,6 +72,7 @@ def test_jobs_stats_and_registry_list_every_job_by_name(url: str) -> None:
     stats = json.loads(run("stats", "--app", APP, "--json", url=url).stdout)
     [edge] = [row for row in stats["tags"] if row["tag"] == "edge-1"]
     assert (edge["counts"]["succeeded"], edge["jobs"]) == (1, ["add"])
+    assert (edge["running"], edge["wait_time"]["count"]) == (0, 1)
     assert "jobs by tag" in run("stats", "--app", APP, url=url).stdout
     registry = json.loads(run("registry", "--app", APP, "--json", url=url).stdout)
     invoices = next(e for e in registry if e["name"] == "send_invoices")

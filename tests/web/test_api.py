@@ -464,6 +464,7 @@ def test_stats_match_what_the_jobs_really_did(app: backroom.App, client: TestCli
     tags = {row["tag"]: row for row in stats["tags"]}
     assert tags["timed"]["counts"]["succeeded"] == 4 and tags["timed"]["jobs"] == ["nap"]
     assert 0.1 <= tags["timed"]["run_time"]["p95"] <= 0.5
+    assert tags["timed"]["wait_time"]["count"] == 4 and tags["timed"]["running"] == 0
     assert (stats["tags_kept"], stats["other_tags"]) == (1, None)
     assert stats["schedules"][0]["job"] == "send_invoices"
     assert "tags" not in client.get("/api/stats", params={"tags": "0"}).json()

@@ -134,6 +134,22 @@ def test_the_dashboard_shows_every_job_by_name_and_tag(app: backroom.App, page: 
         assert page.url == server.url  # nothing but the page itself in the address bar
 
 
+def test_the_tag_table_shows_the_jobs_running_now_and_their_p95_wait(
+    app: backroom.App, page: Page
+) -> None:
+    app.enqueue("process_logs", {"server": "edge-1", "day": "2026-11-21"}, tags=["edge-7"])
+    [claim] = app.broker.claim(["default"], "w1", lease_s=60, limit=1)  # running, never acked
+    assert "edge-7" in claim.envelope.tags
+    with LiveServer(app) as server:
+        page.goto(server.url)
+        row = page.locator("#tags-table tbody tr", has_text="edge-7")
+        expect(row).to_have_count(1)
+        headers = page.locator("#tags-table thead th").all_inner_texts()
+        cells = row.locator("td")
+        expect(cells.nth(headers.index("running"))).to_have_text("1")
+        expect(cells.nth(headers.index("p95 wait"))).not_to_have_text("-")
+
+
 def test_the_job_list_filters_by_state_job_and_tag_and_pages(app: backroom.App, page: Page) -> None:
     for n in range(30):
         app.enqueue(

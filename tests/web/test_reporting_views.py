@@ -29,6 +29,7 @@ def test_tag_report_counts_every_outcome_and_lists_declared_tags(app: backroom.A
     assert edge["by_job"] == {"always_fails": 1, "process_logs": 5, "send_email": 1}
     assert edge["failure_rate"] == 1 / 7
     assert edge["run_time"]["count"] == 7 and edge["run_time"]["p95"] is not None
+    assert edge["wait_time"]["count"] == 7 and edge["running"] == 0  # 7 attempts claimed, all done
     assert tags["logs"]["counts"]["succeeded"] == 5 and tags["email"]["counts"]["succeeded"] == 1
     assert tags["storage"]["total"] == 0  # declared by the registry, nothing finished yet
     assert (report["tags_kept"], report["max_tags"], report["other_tags"]) == (3, MAX_TAGS, None)

@@ -1,8 +1,8 @@
 -- claim.lua: reserve up to `limit` queued jobs under a lease, in one step.
 -- KEYS[1] P:j. ARGV: now, lease_until, worker id, limit, attempt id salt, queue names...
 -- Reads P:paused, P:Q:<queue>; pops P:l:<queue>:* lists and P:g:<queue>:* zsets; writes P:j,
--- P:lease, P:s:*, P:n:*, P:c, P:h, P:cl:<salt>; a job past its expiry ends cancelled
--- ("expired") in P:d.
+-- P:lease, P:s:*, P:n:*, P:c, P:h, P:T, P:Tn, P:cl:<salt>; a job past its expiry ends
+-- cancelled ("expired") in P:d.
 -- Order: queues as given, then higher priority, then lower seq (oldest first).
 -- Returns msgpack: a flat array [id, envelope, attempts, attempt id, ...] (one bulk reply
 -- parses far faster in Python than a long multi-bulk one).
@@ -48,6 +48,7 @@ local function start(id, r, fresh)
   save_live(id, r)
   free_unique(id, r, 'start')
   sample(r.j, 'w', now - (r.qa or now))
+  wait_tally(r, now - (r.qa or now))
   out[#out + 1] = id
   out[#out + 1] = r.e
   out[#out + 1] = r.a

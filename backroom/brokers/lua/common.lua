@@ -25,9 +25,11 @@
 --   P:h                 HASH    "<job>\0w:<bucket>", "\0wc" count, "\0wt" total and "\0wm" max in
 --                               microseconds (wait); the same with r (run); "\0retry",
 --                               "\0recovery", "\0x:<category>" (rejections by category)
---   P:T                 HASH    "<tag>\0<kind>" -> n: per tag outcomes, "retry", "j:<job>" and
---                               the run histogram "r:<bucket>", "rt", "rm" (base.py's
---                               kinds); tag "" sums the tags past MAX_TAGS
+--   P:T                 HASH    "<tag>\0<kind>" -> n: per tag outcomes, "retry", "j:<job>",
+--                               the run histogram "r:<bucket>", "rt", "rm", the wait
+--                               histogram "w:<bucket>", "wt", "wm" (sampled at claim) and
+--                               "running" (jobs running now) (base.py's kinds); tag "" sums
+--                               the tags past MAX_TAGS
 --   P:Tn                SET     the tags with numbers of their own (at most MAX_TAGS)
 --   P:m:<minute>        HASH    "<job>\0<kind>" -> n for one minute (Unix time // 60); expires
 --                               KEEP_MINUTES after it
@@ -128,14 +130,17 @@ end
 -- per tag, per minute and per failure type: gathered like the counters, written by flush() ---
 -- One accumulator per job name (for now's minute hash) and per tag prefix (for P:T), updated in
 -- place per job: {b = {[bucket] = n}, t = total us, m = max us (-1: none), n = {[kind] = n},
--- j = {[job] = finished}}. flush() builds each "<prefix>\0<kind>" field once per batch.
+-- j = {[job] = finished}, and per tag the wait time's wb, wt, wm as b, t, m}. flush() builds
+-- each "<prefix>\0<kind>" field once per batch.
 local MAX_TAGS = __MAX_TAGS__
 local KEEP_MINUTES = __KEEP_MINUTES__
 local MAX_FAILURE_GROUPS = __MAX_FAILURE_GROUPS__
 local job_accs, tag_accs, prefix_accs = {}, {}, {}
 local minute_key, minute_ttl = nil, nil  -- a call has one `now`, so one minute
 
-local function accumulator() return {b = {}, t = 0, m = -1, n = {}, j = {}} end
+local function accumulator()
+  return {b = {}, t = 0, m = -1, n = {}, j = {}, wb = {}, wt = 0, wm = -1}
+end
 
 -- The accumulator of job r's numbers in now's minute; the minute's hash expires once the minute
 -- is KEEP_MINUTES old.
@@ -222,14 +227,48 @@ local function outcome_tally(r, st, now)
   end
 end
 
-local function flush_accumulator(key, f, a)
-  for b, n in pairs(a.b) do redis.call('HINCRBY', key, f .. 'r:' .. b, n) end
-  if a.m >= 0 then
-    redis.call('HINCRBY', key, f .. 'rt', a.t)
-    local cur = tonumber(redis.call('HGET', key, f .. 'rm'))
-    if cur == nil or a.m > cur then redis.call('HSET', key, f .. 'rm', a.m) end
+-- A job of record r started running (claimed) after waiting `s` seconds queued: its tags' wait
+-- histograms.
+local function wait_tally(r, s)
+  if type(r.tg) ~= 'table' then return end
+  if s ~= s or s < 0 then s = 0 end
+  local us = math.floor(s * 1e6 + 0.5)
+  local b = bucket_of(s)
+  for _, tag in ipairs(r.tg) do
+    local a = tag_acc(tag)
+    if a then
+      a.wb[b] = (a.wb[b] or 0) + 1
+      a.wt = a.wt + us
+      if a.wm < us then a.wm = us end
+    end
   end
-  for kind, n in pairs(a.n) do redis.call('HINCRBY', key, f .. kind, n) end
+end
+
+-- A job of record r started running (delta 1) or left it (-1: any outcome, a retry, a release,
+-- a lost lease), per tag. reindex() calls it, so no path into or out of running can miss it.
+local function running_tally(r, delta)
+  if type(r.tg) ~= 'table' then return end
+  for _, tag in ipairs(r.tg) do
+    local a = tag_acc(tag)
+    if a then a.n.running = (a.n.running or 0) + delta end
+  end
+end
+
+local function flush_histogram(key, f, prefix, buckets, total, most)
+  for b, n in pairs(buckets) do redis.call('HINCRBY', key, f .. prefix .. ':' .. b, n) end
+  if most >= 0 then
+    redis.call('HINCRBY', key, f .. prefix .. 't', total)
+    local cur = tonumber(redis.call('HGET', key, f .. prefix .. 'm'))
+    if cur == nil or most > cur then redis.call('HSET', key, f .. prefix .. 'm', most) end
+  end
+end
+
+local function flush_accumulator(key, f, a)
+  flush_histogram(key, f, 'r', a.b, a.t, a.m)
+  flush_histogram(key, f, 'w', a.wb, a.wt, a.wm)
+  for kind, n in pairs(a.n) do
+    if n ~= 0 then redis.call('HINCRBY', key, f .. kind, n) end
+  end
   for job, n in pairs(a.j) do redis.call('HINCRBY', key, f .. 'j:' .. job, n) end
 end
 
@@ -333,7 +372,8 @@ local function attach(id, r)
   end
 end
 
--- Move a job from state `old` to r.st in the indexes; `fresh` when it was in a P:l list.
+-- Move a job from state `old` to r.st in the indexes and counts; `fresh` when it was in a P:l
+-- list. Every state change passes here, so this is where the per-tag running count moves.
 local function reindex(id, r, old, fresh)
   if fresh then
     zadd(P .. ':n:' .. r.j, r.sq, id)
@@ -343,6 +383,8 @@ local function reindex(id, r, old, fresh)
   zadd(P .. ':s:' .. r.st, r.sq, id)
   count(r, old, -1)
   count(r, r.st, 1)
+  if r.st == 'running' and old ~= 'running' then running_tally(r, 1)
+  elseif old == 'running' and r.st ~= 'running' then running_tally(r, -1) end
 end
 
 local waiters = nil  -- how many wait_finished calls are registered (read once per call)

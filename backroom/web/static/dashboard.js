@@ -249,12 +249,14 @@
       el("td", null, el("button", { class: "tag", type: "button", text: t.tag, on: { click: () => setFilters({ tag: t.tag }) } })),
       td(t.jobs.join(", "), "wrap"),
       td(outcomes(t), "wrap"),
+      num(t.running),
       num(t.retries),
       num(pct(t.failure_rate)),
       num(seconds(t.run_time.p50)),
       num(seconds(t.run_time.p95)),
+      num(seconds(t.wait_time.p95)),
     ));
-    fill($("tags-table").tBodies[0], rows, "No tags yet.", 7);
+    fill($("tags-table").tBodies[0], rows, "No tags yet.", 9);
     const notes = [];
     if (stats.tags_kept > tags.length) notes.push(`The ${tags.length} busiest of ${stats.tags_kept} tags.`);
     if (stats.other_tags) {
