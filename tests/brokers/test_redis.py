@@ -280,6 +280,13 @@ def test_minute_hashes_expire_once_they_leave_the_timeline(redis_server: str) ->
         broker.purge()
 
 
+def counter_calls(client: redis.Redis) -> int:
+    """How many HINCRBY, SISMEMBER and EXPIRE commands the server has run."""
+    stats = client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0))
+               for c in ("hincrby", "sismember", "expire"))  # fmt: skip
+
+
 def counter_writes_for_an_ack_of(broker: RedisBroker, client: redis.Redis, jobs: int) -> int:
     """HINCRBY, SISMEMBER and EXPIRE commands (counters, the tag cap, the minute's expiry) an
     ack of `jobs` tagged jobs runs; they all ran 1 s, so they share one histogram bucket."""
@@ -289,14 +296,9 @@ def counter_writes_for_an_ack_of(broker: RedisBroker, client: redis.Redis, jobs:
     claims = broker.claim(["default"], "w1", 30, limit=jobs, now=T)
     broker.ack([(claims[0], None)], now=T + 1)
 
-    def calls() -> int:
-        stats = client.info("commandstats")
-        return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0))
-                   for c in ("hincrby", "sismember", "expire"))  # fmt: skip
-
-    before = calls()
+    before = counter_calls(client)
     assert all(broker.ack([(c, None) for c in claims[1:]], now=T + 1))
-    return calls() - before
+    return counter_calls(client) - before
 
 
 def test_an_ack_batch_writes_its_numbers_with_commands_that_do_not_grow_with_it(
@@ -321,14 +323,9 @@ def counter_writes_for_a_claim_of(broker: RedisBroker, client: redis.Redis, jobs
     broker.enqueue([envelope_for("resize_video", tags=tags) for _ in range(jobs + 1)], now=T)
     broker.claim(["default"], "w1", 30, limit=1, now=T + 1)
 
-    def calls() -> int:
-        stats = client.info("commandstats")
-        return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0))
-                   for c in ("hincrby", "sismember", "expire"))  # fmt: skip
-
-    before = calls()
+    before = counter_calls(client)
     assert len(broker.claim(["default"], "w1", 30, limit=jobs, now=T + 1)) == jobs
-    return calls() - before
+    return counter_calls(client) - before
 
 
 def test_a_claim_batch_writes_its_numbers_with_commands_that_do_not_grow_with_it(
