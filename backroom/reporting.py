@@ -60,15 +60,23 @@ def stats_summary(app: App) -> dict[str, Any]:
     stats = app.broker.stats()
     names = sorted(set(app.registry.names()) | set(stats.jobs))
     jobs = [job_summary(stats.jobs.get(name) or JobStats(job=name)) for name in names]
-    now = time.time()
     return {
         "jobs": jobs,
         "queues": dict(stats.queues),
         "paused": sorted(app.broker.paused()),
-        "schedules": [
-            s.describe(app.broker.last_fired(s.name), now) for s in app.schedules.values()
-        ],
+        "schedules": schedule_views(app, time.time()),
     }
+
+
+def schedule_views(app: App, now: float) -> list[dict[str, Any]]:
+    """The app's schedules with their next run, payloads redacted (a schedule may carry a
+    secret-looking field as any enqueue may)."""
+    views = []
+    for schedule in app.schedules.values():
+        view = schedule.describe(app.broker.last_fired(schedule.name), now)
+        view["payload"] = app.redact(view["payload"])
+        views.append(view)
+    return views
 
 
 # -- per tag, per minute, per failure type: the broker's own bounded numbers -------------------

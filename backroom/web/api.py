@@ -25,7 +25,13 @@ from backroom.errors import (
     SourceNotAllowed,
     UnknownJob,
 )
-from backroom.reporting import activity, failure_groups, stats_summary, tag_report
+from backroom.reporting import (
+    activity,
+    failure_groups,
+    schedule_views,
+    stats_summary,
+    tag_report,
+)
 from backroom.web.checks import (
     BODY_SLACK,
     BULK_STATES,
@@ -198,12 +204,7 @@ class Api:
 
     def schedules(self, request: Request) -> JSONResponse:
         now = time.time()
-        entries = [
-            s.describe(self.app.broker.last_fired(s.name), now) for s in self.app.schedules.values()
-        ]
-        for entry in entries:
-            entry["payload"] = self.app.redact(entry["payload"])
-        return JSONResponse({"schedules": entries, "now": now})
+        return JSONResponse({"schedules": schedule_views(self.app, now), "now": now})
 
     def queues(self, request: Request) -> JSONResponse:
         stats = self.app.broker.stats()

@@ -535,6 +535,20 @@ def test_workers_show_their_current_jobs_with_progress(
     assert running[0]["progress_message"] == "a quarter" and running[0]["worker_id"] == "w1"
 
 
+def test_schedule_payloads_are_redacted_wherever_schedules_are_listed(
+    app: backroom.App, client: TestClient
+) -> None:
+    app.schedule("send_email", cron="*/5 * * * *", name="digest",
+                 payload={"to": "ops@example.com", "password": SECRET})  # fmt: skip
+    listed = client.get("/api/schedules").json()["schedules"]
+    in_stats = client.get("/api/stats").json()["schedules"]
+    for views in (listed, in_stats):
+        [digest] = [v for v in views if v["name"] == "digest"]
+        assert digest["payload"]["to"] == "ops@example.com"
+        assert digest["payload"]["password"] != SECRET
+    assert SECRET not in client.get("/api/stats").text
+
+
 def test_schedules_show_their_next_run(client: TestClient) -> None:
     [schedule] = client.get("/api/schedules").json()["schedules"]
     assert schedule["name"] == "send_invoices" and schedule["cron"] == "0 6 1 * *"
