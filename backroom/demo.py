@@ -63,7 +63,8 @@ def run_demo(jobs: int = 300, url: str | None = None, keep: bool = False) -> int
     summary = stats_summary(app)
     console.print()
     console.print(
-        stats_table(summary, title=f"{_finished(summary)} jobs drained in {elapsed:.1f} s")
+        stats_table(summary, title=f"{_finished(summary)} jobs drained in {elapsed:.1f} s"),
+        markup=False,  # job names and rejection reasons are data
     )
     _explain(app, summary, refused, handles)
     if keep:

@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-console = Console(width=None if sys.stdout.isatty() else 140)
+console = Console(markup=False, width=None if sys.stdout.isatty() else 140)  # names are data
 
 
 def seconds(value: float | None) -> str:

@@ -50,6 +50,14 @@ def test_enqueue_prints_the_job_id_alone_and_a_worker_runs_it(url: str) -> None:
     assert "succeeded" in table and "add" in table
 
 
+def test_names_and_tags_are_printed_as_written_never_read_as_markup(url: str) -> None:
+    tag = "[bold]vip[/bold]"
+    run("enqueue", "--app", APP, "add", '{"a": 1, "b": 2}', "--tag", tag, url=url)
+    run("worker", "--app", APP, "--burst", "--in-process", url=url)
+    assert tag in run("jobs", "--app", APP, url=url).stdout
+    assert tag in run("stats", "--app", APP, url=url).stdout
+
+
 def test_the_default_worker_is_a_supervisor_with_child_processes(url: str) -> None:
     job_id = run("enqueue", "--app", APP, "greet", '{"name": "ada"}', url=url).stdout.strip()
     run("worker", "--app", APP, "--burst", "--processes", "2", url=url)
