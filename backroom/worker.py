@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from backroom.app import App, Context
 from backroom.brokers.base import Claim, WorkerInfo
 from backroom.envelope import JSON, Envelope, encode_json
-from backroom.errors import BackroomError, JobTimeout, WorkerCrashed
+from backroom.errors import BackroomError, BadEnvelope, JobTimeout, WorkerCrashed
 from backroom.jobs import JobSpec
 from backroom.recording import Recorder, Rejected
 from backroom.supervisor import (
@@ -389,6 +389,10 @@ class Worker:
         """Check claimed envelopes; the good ones wait for a slot, the others are rejected."""
         for claim in claims:
             envelope = claim.envelope
+            if claim.broken is not None:  # the stored bytes are not an envelope
+                problem = claim.broken.removeprefix("malformed envelope: ")
+                self._spawn(self._reject(claim, Rejected(claim.broken, BadEnvelope(problem))))
+                continue
             try:
                 spec, arguments = self._recorder.check(envelope)
             except Rejected as rejected:

@@ -318,6 +318,27 @@ def test_a_vanished_worker_disappears_once_its_heartbeat_expires(app: backroom.A
     assert app.broker.workers(now=now + WORKER_TTL_S + 1) == []
 
 
+def test_bytes_that_are_not_an_envelope_are_rejected_and_the_reject_hooks_hear_of_it(
+    app: backroom.App,
+) -> None:
+    from unittest import mock
+
+    from backroom.envelope import Envelope, new_id
+
+    heard: list[tuple[str, str]] = []
+    app.on_reject(lambda envelope, error: heard.append((envelope.id, str(error))))
+    smuggled = Envelope(id=new_id(), job="remember", source="api", payload={"n": 1})
+    with mock.patch.object(Envelope, "encode", lambda self: b"not json at all"):
+        app.broker.enqueue([smuggled])  # as a buggy producer in another language might
+    good = app.enqueue("remember", {"n": 2})
+    with serving(app):
+        assert final(good)["state"] == "succeeded"
+        info = final(app.handle(smuggled.id))
+        wait_until(lambda: heard, deadline_s=20, what="the on_reject hook")
+    assert info["state"] == "rejected" and info["reason"].startswith("malformed envelope")
+    assert heard == [(smuggled.id, info["reason"])]
+
+
 # -- claiming ahead --------------------------------------------------------------------------
 
 

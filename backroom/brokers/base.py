@@ -18,11 +18,15 @@ from backroom.envelope import JSON, Envelope, State
 @dataclass(frozen=True, slots=True)
 class Claim:
     """A job reserved by one worker. `envelope.attempt` is this run's number (1 = first run).
-    `attempt_id` is new on every claim: ack/nack/extend with a stale one return False."""
+    `attempt_id` is new on every claim: ack/nack/extend with a stale one return False.
+    `broken` is set (why) when the stored bytes are not an envelope: `envelope` then holds only
+    the id (and the job name where the broker knows it), and the worker rejects the job, so its
+    on_reject hooks hear of it like of any other rejection."""
 
     envelope: Envelope
     lease_until: float
     attempt_id: str
+    broken: str | None = None
 
     @property
     def id(self) -> str:

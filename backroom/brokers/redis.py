@@ -241,8 +241,8 @@ class RedisBroker(Broker):
             try:
                 envelope = restored_envelope(job_id, stored).with_attempt(attempts)
             except BadEnvelope as exc:
-                broken = Envelope(id=job_id, job="?", source="?")
-                self.reject(Claim(broken, lease_until, attempt_id), str(exc), now)
+                broken = Envelope(id=job_id, job="?", source="?", attempt=attempts)
+                claims.append(Claim(broken, lease_until, attempt_id, broken=str(exc)))
                 continue
             claims.append(Claim(envelope, lease_until, attempt_id))
         return claims

@@ -394,14 +394,13 @@ class SQLiteBroker(Broker):
                             deltas[(job, q, "cancelled")] += 1
                             tally.outcome(job, sqlite_stats.tags_of(raw), "cancelled")
                             continue
+                        broken = None
                         try:
                             env = decode(raw).with_attempt(attempts + 1)
-                        except BadEnvelope as exc:
-                            self._finish_row(db, seq, "rejected", now, reason=str(exc))
-                            self._event(db, job, f"reject:{reason_category(str(exc))}")
-                            deltas[(job, q, "rejected")] += 1
-                            tally.outcome(job, (), "rejected")
-                            continue
+                        except BadEnvelope as exc:  # the worker rejects it (and tells its hooks)
+                            env = Envelope(id=job_id, job=job, source="?", queue=q,
+                                           attempt=attempts + 1)  # fmt: skip
+                            broken = str(exc)
                         token = _attempt_token()
                         db.execute(START_RUN, (lease_until, worker_id, token, now, seq))
                         self._free_unique(db, job_id, ukey, ufor, "start")
@@ -409,7 +408,7 @@ class SQLiteBroker(Broker):
                         wait_s = now - (queued_at or now)
                         waits.append((job, "wait", wait_s))
                         tally.start(env.tags, wait_s)
-                        claims.append(Claim(env, lease_until, token))
+                        claims.append(Claim(env, lease_until, token, broken))
                 if len(claims) >= limit:
                     break
             self._count(db, deltas)
