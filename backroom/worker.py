@@ -184,7 +184,7 @@ class Worker:
         self._thread_limit = concurrency  # grows by one for each thread written off
         self._mean_run = 0.0  # recent mean run time (s), which sizes the prefetch
         self._prefetch_paused = False  # after a hand-back, until the next job finishes
-        self._watcher: asyncio.Future[list[Claim]] | None = None  # the waiter thread's wait
+        self._watcher: asyncio.Future[list[tuple[Claim, Rejected]]] | None = None  # the waiter's
         self._waiter_claiming = False  # the waiter thread claimed: its result is not taken yet
         self._tasks: set[asyncio.Task[Any]] = set()  # outcome recording off the fast path
         self._done: list[str] = []  # finished job ids not yet told to the supervisor
@@ -282,13 +282,14 @@ class Worker:
                 claims: list[Claim] = []
                 # an idle worker leaves claiming to its waiter thread, which claims as soon as
                 # work comes (no hop through the loop and the broker thread first)
-                if want > 0 and (self._running or self._watcher is None):
+                if want > 0 and not self._waiter_claiming and (self._running or not self._watcher):
                     claims = await self._call(
                         self.broker.claim, self.queues, self.id, self.lease, want
                     )
                     if claims:
                         self._report_claims(claims)
-                        self._admit(claims)
+                        for claim, rejected in self._admit(claims):
+                            self._spawn(self._reject(claim, rejected))
                 self._dispatch()
                 failing = 0.0
                 if claims and len(claims) == want:
@@ -318,38 +319,45 @@ class Worker:
                 continue
             await _first(self._changed.wait(), watcher, timeout=1.0)
 
-    def _wait_and_claim(self) -> list[Claim]:
-        """On the waiter thread: wait for work and, if the worker is idle then, claim at once
-        (no hop through the loop and the broker thread first; a busy worker's loop claims).
-        An idle worker claims before it waits too: a wake-up the last wait consumed may have
-        come after the last claim."""
-        claims = self._claim_if_idle()
-        if claims:
-            return claims
-        self.broker.wait_for_work(self.queues, 1.0)
-        return self._claim_if_idle()
+    def _wait_and_claim(self) -> list[tuple[Claim, Rejected]]:
+        """On the waiter thread: wait for work and, if the worker is idle then, claim, check
+        and start the sync jobs on the job threads at once (no hop through the loop and the
+        broker thread; a busy worker's loop claims). An idle worker claims before it waits
+        too: a wake-up the last wait consumed may have come after the last claim. Returns the
+        rejected jobs, which the loop records."""
+        rejected = self._claim_if_idle()
+        if rejected is None:
+            self.broker.wait_for_work(self.queues, 1.0)
+            rejected = self._claim_if_idle()
+        return rejected or []
 
-    def _claim_if_idle(self) -> list[Claim]:
+    def _claim_if_idle(self) -> list[tuple[Claim, Rejected]] | None:
+        """None when it claimed nothing."""
         with self._lock:
             if self._running or self._stopping:
-                return []
+                return None
             room = self._room()
             self._waiter_claiming = room > 0
         if room <= 0:
-            return []
-        return self.broker.claim(self.queues, self.id, self.lease, room)
+            return None
+        claims = self.broker.claim(self.queues, self.id, self.lease, room)
+        if not claims:
+            self._waiter_claiming = False  # nothing for the loop (nor a stop) to wait for
+            return None
+        self._report_claims(claims)
+        rejected = self._admit(claims)
+        self._dispatch(threads_only=True)  # async jobs start on the loop
+        return rejected
 
-    def _take_waiter_claims(self, watcher: asyncio.Future[list[Claim]]) -> list[Claim]:
-        """What a finished wait claimed, admitted (a failed wait only means "look again")."""
+    def _take_waiter_claims(self, watcher: asyncio.Future[list[tuple[Claim, Rejected]]]) -> None:
+        """After a wait: record what it rejected, start what it left to the loop (a failed
+        wait only means "look again")."""
         self._waiter_claiming = False
         if watcher.cancelled() or watcher.exception() is not None:
-            return []
-        claims = watcher.result()
-        if claims:
-            self._report_claims(claims)
-            self._admit(claims)
-            self._dispatch()
-        return claims
+            return
+        for claim, rejected in watcher.result():
+            self._spawn(self._reject(claim, rejected))
+        self._dispatch()
 
     def _wanted(self) -> int:
         """How many jobs to claim now: up to the free slots plus the prefetch, once the jobs
@@ -385,23 +393,26 @@ class Worker:
         if self._channel is not None:
             self._channel.send("claim", [[claim.id, claim.attempt_id, None] for claim in claims])
 
-    def _admit(self, claims: Sequence[Claim]) -> None:
-        """Check claimed envelopes; the good ones wait for a slot, the others are rejected."""
+    def _admit(self, claims: Sequence[Claim]) -> list[tuple[Claim, Rejected]]:
+        """Check claimed envelopes: the good ones wait for a slot; returns the others, for the
+        loop to reject. Runs on the loop, or on the waiter thread while the worker is idle."""
+        rejected: list[tuple[Claim, Rejected]] = []
         for claim in claims:
             envelope = claim.envelope
             if claim.broken is not None:  # the stored bytes are not an envelope
                 problem = claim.broken.removeprefix("malformed envelope: ")
-                self._spawn(self._reject(claim, Rejected(claim.broken, BadEnvelope(problem))))
+                rejected.append((claim, Rejected(claim.broken, BadEnvelope(problem))))
                 continue
             try:
                 spec, arguments = self._recorder.check(envelope)
-            except Rejected as rejected:
-                self._spawn(self._reject(claim, rejected))
+            except Rejected as failed:
+                rejected.append((claim, failed))
                 continue
             entry = _Running(claim, spec, arguments, Context(self.app, claim, spec),
                              self._timeout_of(envelope))  # fmt: skip
             self._running[claim.id] = entry
             self._pending.append(entry)
+        return rejected
 
     async def _reject(self, claim: Claim, rejected: Rejected) -> None:
         envelope = claim.envelope
@@ -413,14 +424,19 @@ class Worker:
         self.jobs_done += 1
         self._done.append(claim.id)
 
-    def _dispatch(self) -> None:
+    def _dispatch(self, threads_only: bool = False) -> None:
         """Start waiting jobs while slots are free: sync ones on the job threads, async ones as
-        tasks on the loop."""
+        tasks on the loop (`threads_only`: sync ones alone, from the waiter thread)."""
         if self._stopping or self._recycle:
             return  # the jobs claimed ahead go back at shutdown
         started: list[_Running] = []
         with self._lock:
-            while self._free > 0 and self._pending:
+            if threads_only:
+                started = [e for e in self._pending if not e.spec.is_async][: max(0, self._free)]
+                for entry in started:
+                    self._pending.remove(entry)
+                self._free -= len(started)
+            while not threads_only and self._free > 0 and self._pending:
                 started.append(self._pending.popleft())
                 self._free -= 1
             spawn = min(len(started), self._thread_limit - self._thread_count)
@@ -911,7 +927,7 @@ class Worker:
         return WorkerInfo(
             id=self.id, host=socket.gethostname(), pid=os.getpid(), queues=tuple(self.queues),
             concurrency=self.concurrency, started_at=self.started_at, seen_at=time.time(),
-            current=tuple(i for i, e in self._running.items() if e.started is not None),
+            current=tuple(i for i, e in list(self._running.items()) if e.started is not None),
         )  # fmt: skip
 
 
