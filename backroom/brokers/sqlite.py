@@ -4,6 +4,7 @@ and counters are kept per state change so stats never scan the jobs table."""
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import threading
@@ -109,6 +110,7 @@ START_RUN = """UPDATE jobs SET state = 'running', attempts = attempts + 1, lease
 OWNED = "id = ? AND attempt_id = ? AND state = 'running'"
 RETURNS = "RETURNING job, queue, started_at, unique_key, unique_for"
 ACK_CHUNK = 200  # outcomes per UPDATE (4 parameters each)
+ACK_SIZES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, ACK_CHUNK)
 # successes, set-based: a cancel asked for too late is cleared (it succeeded all the same)
 ACK_SQL = """WITH v(id, ai, result, started) AS (VALUES {values})
 UPDATE jobs SET state = 'succeeded', lease_until = NULL, result = v.result, finished_at = ?,
@@ -135,6 +137,11 @@ MAX_BUSY_RETRIES = 20
 _failure_encoder = msgspec.json.Encoder()
 _failure_decoder = msgspec.json.Decoder(dict[str, str])
 _worker_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+@functools.cache
+def _ack_sql(size: int) -> str:
+    return ACK_SQL.format(values=", ".join(["(?, ?, ?, ?)"] * size))
 
 
 def _now(now: float | None) -> float:
@@ -515,10 +522,11 @@ class SQLiteBroker(Broker):
         with self._tx() as db:
             for start in range(0, len(rows), ACK_CHUNK):
                 chunk = rows[start : start + ACK_CHUNK]
-                values = ", ".join(["(?, ?, ?, ?)"] * len(chunk))
-                for row in db.execute(
-                    ACK_SQL.format(values=values), (*(x for r in chunk for x in r), now)
-                ):
+                # a few statement sizes, padded with rows that match nothing: each size is
+                # prepared once and cached, not once per batch length
+                size = next(n for n in ACK_SIZES if n >= len(chunk))
+                padded = [*(x for r in chunk for x in r), *(None,) * (4 * (size - len(chunk)))]
+                for row in db.execute(_ack_sql(size), (*padded, now)):
                     owned[row[0]] = row
             done = [row[0] in owned for row in rows]
             for (job_id, *_), ok in zip(rows, done, strict=True):
