@@ -3,6 +3,7 @@ producer) and Context (what a running job receives). Policy lives here; brokers 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -406,9 +407,9 @@ class Context:
         self._cancelled = False  # set by the worker, from another thread: a plain flag will do
         self._last_progress = 0.0
 
-    @property
+    @functools.cached_property
     def logger(self) -> logging.Logger:
-        """The job's logger, `backroom.job.<name>`."""
+        """The job's logger, `backroom.job.<name>` (looked up on first use)."""
         return logging.getLogger(f"backroom.job.{self.job}")
 
     @property

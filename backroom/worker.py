@@ -58,10 +58,9 @@ __all__ = ["EXIT_OK", "EXIT_RECYCLE", "JobTimeout", "Worker", "WorkerCrashed"]
 
 
 class _JobThreads:
-    """The threads that run sync jobs (and wait for work). Unlike ThreadPoolExecutor's they are
-    daemons, so a job stuck in a thread never holds up the process's exit; and a thread is added
-    whenever none is idle, so a written-off thread never costs a slot (the worker bounds what is
-    submitted)."""
+    """Daemon threads for calls that may block for long (the waiter's wait for work). Unlike
+    ThreadPoolExecutor's they never hold up the process's exit; a thread is added whenever none
+    is idle. (Sync jobs run on the worker's own job threads, see Worker._job_thread.)"""
 
     def __init__(self) -> None:
         self._work: SimpleQueue[tuple[Future[Any], Callable[..., Any], Any]] = SimpleQueue()
@@ -369,8 +368,6 @@ class Worker:
 
     def _room(self) -> int:
         """Free slots plus the prefetch, less what is held (within --max-jobs-per-child)."""
-        if self.max_jobs is not None:
-            self._recycle = self._recycle or self.jobs_done >= self.max_jobs
         if self._recycle:
             return 0
         room = self.concurrency + self._prefetch() - len(self._running)
@@ -421,7 +418,7 @@ class Worker:
         await self._persist(self.broker.reject, claim, reason)
         logger.warning("rejected job %s (%s): %s", claim.id, envelope.job, reason)
         self._recorder.notify(self.app.reject_hooks, envelope, rejected.error)
-        self.jobs_done += 1
+        self._count_done()
         self._done.append(claim.id)
 
     def _dispatch(self, threads_only: bool = False) -> None:
@@ -584,12 +581,19 @@ class Worker:
         self._acks.append((entry.claim, result, entry.started_at))
         self._wake()
 
-    def _forget(self, entry: _Running) -> None:
+    def _forget(self, entry: _Running, ran: bool = True) -> None:
+        """The worker holds the job no more (`ran`: it counts as one of the jobs done)."""
         if self._running.get(entry.claim.id) is entry:
             del self._running[entry.claim.id]
-            self.jobs_done += 1
+            if ran:
+                self._count_done()
             if self._changed is not None:
                 self._changed.set()
+
+    def _count_done(self) -> None:
+        self.jobs_done += 1
+        if self.max_jobs is not None and self.jobs_done >= self.max_jobs:
+            self._recycle = True  # --max-jobs-per-child reached: finish, then be replaced
 
     def _spawn(self, work: Coroutine[Any, Any, Any], done_id: str | None = None) -> None:
         """Run an outcome's recording as a task (off the fast path); `done_id` is told to the
@@ -868,8 +872,7 @@ class Worker:
         self._mean_run, self._prefetch_paused = 0.0, True
         for entry in waiting:
             entry.outcome_recorded = True
-            if self._running.get(entry.claim.id) is entry:
-                del self._running[entry.claim.id]
+            self._forget(entry, ran=False)
         await self._persist(self.broker.release, [e.claim for e in waiting])
         if self._channel is not None:
             self._done.extend(e.claim.id for e in waiting)
