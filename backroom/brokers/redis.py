@@ -19,7 +19,6 @@ from redis.client import PubSub
 from redis.commands.core import Script
 from redis.connection import AbstractConnection
 from redis.exceptions import (
-    AuthenticationError,
     ConnectionError,
     NoScriptError,
     RedisError,
@@ -115,16 +114,8 @@ class RedisBroker(Broker):
         try:
             self._client: redis.Redis = settings.client()
             self._client.ping()  # fail fast and clearly when Redis was never reachable
-        except AuthenticationError as exc:
-            raise BrokerError(
-                f"redis at {settings.display} refused the credentials: {describe(exc)}"
-            ) from None
-        except (ConnectionError, TimeoutError, OSError) as exc:
-            raise BrokerError(
-                f"redis at {settings.display} is unreachable: {describe(exc)}"
-            ) from None
-        except ResponseError as exc:
-            raise self._link.error(exc) from None
+        except (ConnectionError, TimeoutError, OSError, ResponseError) as exc:
+            raise self._link.failure(exc) from None
         except (ValueError, RedisError) as exc:  # an option redis-py refuses (ssl_cert_reqs=...)
             raise ConfigError(f"broker URL {settings.display!r}: {describe(exc)}") from None
         self._check_eviction()

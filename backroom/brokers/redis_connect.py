@@ -182,20 +182,23 @@ class RedisLink:
     def call(self, operation: Callable[[], T]) -> T:
         try:
             result = self._retry.call_with_retry(operation, self.lost, _retryable)
-        except AuthenticationError as exc:
-            raise BrokerError(
-                f"redis at {self.url} refused the credentials: {describe(exc)}"
-            ) from None
-        except (ConnectionError, TimeoutError, OSError) as exc:
-            raise BrokerError(
-                f"redis at {self.url} is unreachable ({describe(exc)}); gave up after "
-                f"{self.reconnect_s:g} s of reconnecting"
-            ) from None
-        except ResponseError as exc:
-            raise self.error(exc) from None
+        except (ConnectionError, TimeoutError, OSError, ResponseError) as exc:
+            gave_up = f"gave up after {self.reconnect_s:g} s of reconnecting"
+            raise self.failure(exc, gave_up) from None
         if self.down:
             self.restored()
         return result
+
+    def failure(self, exc: Exception, gave_up: str = "") -> BrokerError:
+        """The one clear error for a failed call: refused credentials, unreachable (`gave_up`
+        says after how much retrying), or an error reply."""
+        if isinstance(exc, AuthenticationError):
+            return BrokerError(f"redis at {self.url} refused the credentials: {describe(exc)}")
+        if isinstance(exc, ResponseError):
+            return self.error(exc)
+        if gave_up:
+            return BrokerError(f"redis at {self.url} is unreachable ({describe(exc)}); {gave_up}")
+        return BrokerError(f"redis at {self.url} is unreachable: {describe(exc)}")
 
     def lost(self, error: Exception) -> None:
         with self._lock:
