@@ -157,14 +157,22 @@ def describe(error: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+# Replies that say "not now" and ran nothing: a script running past busy-reply-threshold
+# (or one frozen mid-run), a replica cut off from its master, a cluster slot on the move.
+TRANSIENT_REPLIES = ("BUSY ", "MASTERDOWN ", "TRYAGAIN ")
+
+
 def _retryable(error: Exception) -> bool:
+    if isinstance(error, ResponseError):
+        return str(error).startswith(TRANSIENT_REPLIES)
     return not isinstance(error, AuthenticationError)
 
 
 class RedisLink:
-    """Runs operations against Redis: a connection error is logged once (one warning line per
-    outage), retried with exponential backoff for up to `reconnect_s`, then raised as
-    BrokerError; a reply error becomes BrokerError at once."""
+    """Runs operations against Redis: a connection error or a transient reply (BUSY, LOADING,
+    MASTERDOWN, TRYAGAIN) is logged once (one warning line per outage), retried with
+    exponential backoff for up to `reconnect_s`, then raised as BrokerError; any other reply
+    error becomes BrokerError at once."""
 
     def __init__(self, url: str, reconnect_s: float) -> None:
         self.url = url
@@ -174,7 +182,9 @@ class RedisLink:
         while waited < reconnect_s:
             retries += 1
             waited += backoff.compute(retries)
-        self._retry = Retry(backoff, retries, (ConnectionError, TimeoutError, OSError))
+        self._retry = Retry(
+            backoff, retries, (ConnectionError, TimeoutError, OSError, ResponseError)
+        )
         self._lock = threading.Lock()
         self.down = False
         self._restored_at = -SAME_OUTAGE_S
@@ -208,6 +218,10 @@ class RedisLink:
             echo = time.monotonic() - self._restored_at < SAME_OUTAGE_S
         if echo:
             logger.debug("a connection opened before the outage failed (%s); reconnecting", error)
+            return
+        if isinstance(error, ResponseError):  # a transient reply: the connection is fine
+            logger.warning("redis at %s cannot serve calls now (%s); retrying with backoff "
+                           "for up to %g s", self.url, describe(error), self.reconnect_s)  # fmt: skip
             return
         logger.warning("lost the connection to redis at %s (%s); reconnecting with backoff "
                        "for up to %g s", self.url, describe(error), self.reconnect_s)  # fmt: skip

@@ -417,6 +417,48 @@ def test_a_restarted_redis_server_loses_no_accepted_job_and_the_broker_carries_o
     assert any("reconnected" in r.getMessage() for r in caplog.records)
 
 
+BUSY_SCRIPT = """
+local started = redis.call('TIME')
+while true do
+  local now = redis.call('TIME')
+  if (now[1] - started[1]) * 1000000 + (now[2] - started[2]) > tonumber(ARGV[1]) then return 1 end
+end
+"""
+
+
+def test_a_redis_busy_running_a_long_script_delays_calls_but_fails_none(
+    tmp_path: Path, own_redis: list[RedisProcess], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A long script (someone's, or a script frozen mid-run by SIGSTOP) makes redis answer
+    # BUSY to everyone until it ends. Nothing was run, so the broker waits and tries again.
+    server = RedisProcess(tmp_path / "busy", "--busy-reply-threshold", "50")
+    own_redis.append(server)
+    server.start()
+    with closing(connect(server.url + "?reconnect_s=30")) as broker:
+        done = broker.enqueue([envelope_for("resize_video")])
+        spinner = threading.Thread(
+            target=lambda: server.client().eval(BUSY_SCRIPT, 0, 1_500_000), daemon=True
+        )
+        spinner.start()
+        probe = server.client()
+
+        def busy() -> bool:
+            try:
+                probe.ping()
+            except redis.exceptions.ResponseError as exc:
+                return str(exc).startswith("BUSY")
+            return False
+
+        wait_until(busy, deadline_s=10, what="redis to answer BUSY")
+        caplog.set_level(logging.INFO, logger="backroom")
+        done += broker.enqueue([envelope_for("resize_video")])  # met BUSY, waited, went in
+        claims = broker.claim(["default"], "w1", lease_s=60, limit=10)
+        assert sorted(c.envelope.id for c in claims) == sorted(done)
+        spinner.join(timeout=30)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "cannot serve calls now (BUSY" in warnings[0], warnings
+
+
 def test_an_unreachable_redis_fails_at_once_with_one_clear_error() -> None:
     port = free_port()
     started = time.monotonic()
