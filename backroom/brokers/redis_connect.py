@@ -220,8 +220,12 @@ class RedisLink:
             logger.debug("a connection opened before the outage failed (%s); reconnecting", error)
             return
         if isinstance(error, ResponseError):  # a transient reply: the connection is fine
-            logger.warning("redis at %s cannot serve calls now (%s); retrying with backoff "
-                           "for up to %g s", self.url, describe(error), self.reconnect_s)  # fmt: skip
+            logger.warning(
+                "redis at %s cannot serve calls now (%s); retrying with backoff for up to %g s",
+                self.url,
+                describe(error),
+                self.reconnect_s,
+            )
             return
         logger.warning("lost the connection to redis at %s (%s); reconnecting with backoff "
                        "for up to %g s", self.url, describe(error), self.reconnect_s)  # fmt: skip
