@@ -37,6 +37,10 @@ from backroom.brokers.base import (
 from backroom.envelope import FINAL_STATES, Envelope, State, decode, encode_json
 from backroom.errors import BadEnvelope, BrokerError, ConfigError
 
+# Listing indexes leave running jobs out (jobs_lease finds them; at most a few per worker
+# slot): a claim and an ack then each move one index entry fewer, and a job's name needs no
+# index of its own (by name alone is one seek per state). Older files' jobs_state, jobs_name
+# and jobs_name_state are dropped when a broker opens them.
 # Tables: jobs (one row per job; seq orders FIFO and newest-first), tags (tag -> seq), uniques
 # (unique_key -> holding job), counts (job, queue, state -> n), hist/timing/events (stats),
 # paused (queue), schedules (name -> last tick fired), workers (heartbeats).
@@ -74,9 +78,11 @@ CREATE INDEX IF NOT EXISTS jobs_due ON jobs(due_at) WHERE state IN ('scheduled',
 CREATE INDEX IF NOT EXISTS jobs_expires ON jobs(expires)
     WHERE expires IS NOT NULL AND state IN ('scheduled', 'queued', 'retrying');
 CREATE INDEX IF NOT EXISTS jobs_lease ON jobs(lease_until) WHERE state = 'running';
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
-CREATE INDEX IF NOT EXISTS jobs_name ON jobs(job, seq);
-CREATE INDEX IF NOT EXISTS jobs_name_state ON jobs(job, state, seq);
+DROP INDEX IF EXISTS jobs_state;
+DROP INDEX IF EXISTS jobs_name;
+DROP INDEX IF EXISTS jobs_name_state;
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, seq) WHERE state != 'running';
+CREATE INDEX IF NOT EXISTS jobs_by_name ON jobs(job, state, seq) WHERE state != 'running';
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(state, finished_at) WHERE finished_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS tags (tag TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (tag, seq))
     WITHOUT ROWID;
@@ -905,33 +911,21 @@ class SQLiteBroker(Broker):
         return [found.get(job_id) for job_id in job_ids]
 
     def jobs(self, query: JobQuery) -> list[JobRecord]:
-        where: list[str] = []
-        args: list[Any] = []
-        source = "jobs"
-        if query.tag is not None:
-            source = "tags CROSS JOIN jobs ON jobs.seq = tags.seq"
-            where.append("tags.tag = ?")
-            args.append(query.tag)
-        if query.state is not None:
-            where.append("jobs.state = ?")
-            args.append(str(State(query.state)))
-        if query.job is not None:
-            where.append("jobs.job = ?")
-            args.append(query.job)
-        # With a tag, walk the tags index (tag, seq) newest first; the jobs rows are looked up
-        # by primary key, so a popular tag costs one page, never a sort of all its jobs.
-        order = "tags.seq" if query.tag is not None else "jobs.seq"
-        if query.before is not None:
-            where.append(f"{order} < (SELECT seq FROM jobs WHERE id = ?)")
-            args.append(query.before)
-        sql = (
-            f"SELECT {', '.join('jobs.' + c.strip() for c in RECORD_COLUMNS.split(','))} "
-            f"FROM {source}"
-        )
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += f" ORDER BY {order} DESC LIMIT ?"
-        args.append(max(0, min(query.limit, 1000)))
+        limit = max(0, min(query.limit, 1000))
+        state = None if query.state is None else str(State(query.state))
+        if query.tag is None and query.job is not None and state is None:
+            # by name alone: one seek per state, newest first, merged
+            parts, args = [], []
+            for one in State:
+                sql, part_args = _listing(str(one), query.job, query.before, limit)
+                parts.append(f"SELECT * FROM ({sql})")
+                args += part_args
+            sql = f"{' UNION ALL '.join(parts)} ORDER BY seq DESC LIMIT ?"
+            args.append(limit)
+        elif query.tag is None and state is not None:
+            sql, args = _listing(state, query.job, query.before, limit)
+        else:
+            sql, args = _tag_or_all_listing(query, state, limit)
         with self._read() as db:
             rows = db.execute(sql, args).fetchall()
         return [_record(row) for row in rows]
@@ -1077,3 +1071,57 @@ def _record(row: Sequence[Any]) -> JobRecord:
         worker_id=worker_id,
         cancel_requested=bool(cancel_requested),
     )
+
+
+SELECTED = ", ".join("jobs." + c.strip() for c in RECORD_COLUMNS.split(","))
+BEFORE = "jobs.seq < (SELECT seq FROM jobs WHERE id = ?)"
+
+
+def _listing(state: str, job: str | None, before: str | None, limit: int) -> tuple[str, list[Any]]:
+    """One state's page, newest first, by the index that holds that state: running jobs are
+    few (each holds a worker slot) and are sorted; any other state is walked in seq order."""
+    # the state is a State value written into the SQL: a partial index is used only when the
+    # query's own text implies the index's WHERE
+    where, args = [f"jobs.state = '{State(state)}'"], []
+    if state == "running":
+        index = "jobs_lease"
+    else:
+        where.append("jobs.state != 'running'")
+        index = "jobs_by_state" if job is None else "jobs_by_name"
+    if job is not None:
+        where.append("jobs.job = ?")
+        args.append(job)
+    if before is not None:
+        where.append(BEFORE)
+        args.append(before)
+    sql = (
+        f"SELECT {SELECTED} FROM jobs INDEXED BY {index} WHERE {' AND '.join(where)} "
+        "ORDER BY jobs.seq DESC LIMIT ?"
+    )
+    return sql, [*args, limit]
+
+
+def _tag_or_all_listing(query: JobQuery, state: str | None, limit: int) -> tuple[str, list[Any]]:
+    """A tag's page walks the tags index (tag, seq) newest first and looks each job row up by
+    primary key, so a popular tag costs one page, never a sort of all its jobs; no filter at
+    all walks the primary key."""
+    where: list[str] = []
+    args: list[Any] = []
+    source, order = "jobs", "jobs.seq"
+    if query.tag is not None:
+        source, order = "tags CROSS JOIN jobs ON jobs.seq = tags.seq", "tags.seq"
+        where.append("tags.tag = ?")
+        args.append(query.tag)
+    if state is not None:
+        where.append("jobs.state = ?")
+        args.append(state)
+    if query.job is not None:
+        where.append("jobs.job = ?")
+        args.append(query.job)
+    if query.before is not None:
+        where.append(f"{order} < (SELECT seq FROM jobs WHERE id = ?)")
+        args.append(query.before)
+    sql = f"SELECT {SELECTED} FROM {source}"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    return f"{sql} ORDER BY {order} DESC LIMIT ?", [*args, limit]
