@@ -18,7 +18,16 @@ import msgspec
 
 from backroom.brokers import Broker, connect
 from backroom.brokers.base import Claim, JobRecord
-from backroom.envelope import FINAL_STATES, JSON, MAX_NESTING, Envelope, State, new_id, too_deep
+from backroom.envelope import (
+    FINAL_STATES,
+    JSON,
+    MAX_NESTING,
+    Envelope,
+    State,
+    new_id,
+    new_ids,
+    too_deep,
+)
 from backroom.errors import (
     BackroomError,
     ConfigError,
@@ -204,36 +213,68 @@ class App:
     ) -> Envelope:
         """Check and build one envelope (without storing it). Raises UnknownJob,
         SourceNotAllowed, InvalidPayload or PayloadTooLarge naming what was wrong."""
+        spec, fields = self._template(
+            job, delay=delay, at=at, expires=expires, tags=tags, unique_key=unique_key,
+            unique_for=unique_for, queue=queue, priority=priority, then=then, source=source,
+            now=now,
+        )  # fmt: skip
+        return self._envelope(spec, fields, payload, new_id())
+
+    def _template(
+        self,
+        job: str,
+        *,
+        delay: float | None = None,
+        at: datetime | None = None,
+        expires: float | datetime | None = None,
+        tags: Iterable[str] = (),
+        unique_key: str | None = None,
+        unique_for: str | float | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        then: str | None = None,
+        source: str | None = None,
+        now: float | None = None,
+    ) -> tuple[JobSpec, dict[str, Any]]:
+        """What the envelopes of one call share, checked once: the job, its source and the
+        options (enqueue_many builds a thousand envelopes from one)."""
         spec = self.registry.get(job)
         source = source or self.source
         spec.check_source(source)
-        body = {} if payload is None else payload
-        if isinstance(body, Mapping) and too_deep(dict(body)):
-            raise InvalidPayload(job, None, f"nests more than {MAX_NESTING} levels deep")
-        spec.validate(body)
-        self.check_size(job, body)
         if then is not None and then not in self.registry:
             raise UnknownJob(then, self.registry.names())
         created = time.time() if now is None else now
-        eta = _eta(delay, at, created)
-        envelope = Envelope(
-            id=new_id(),
-            job=job,
-            source=source,
-            payload=dict(body),
-            tags=_tags(spec.tags, tags),
-            queue=queue or spec.queue,
-            priority=spec.priority if priority is None else int(priority),
-            max_retries=spec.retries,
-            timeout=spec.timeout,
-            eta=eta,
-            expires=_expires(expires, created),
-            unique_key=unique_key,
-            unique_for=_unique_for(unique_for, unique_key),
-            then=then,
-            created_at=created,
-        )
-        return self.sign(envelope)
+        fields = {
+            "job": job,
+            "source": source,
+            "tags": _tags(spec.tags, tags),
+            "queue": queue or spec.queue,
+            "priority": spec.priority if priority is None else int(priority),
+            "max_retries": spec.retries,
+            "timeout": spec.timeout,
+            "eta": _eta(delay, at, created),
+            "expires": _expires(expires, created),
+            "unique_key": unique_key,
+            "unique_for": _unique_for(unique_for, unique_key),
+            "then": then,
+            "created_at": created,
+        }
+        return spec, fields
+
+    def _envelope(
+        self,
+        spec: JobSpec,
+        fields: dict[str, Any],
+        payload: Mapping[str, Any] | None,
+        job_id: str,
+    ) -> Envelope:
+        """One payload, checked, in an envelope of `_template`'s fields, signed."""
+        body = {} if payload is None else payload
+        if isinstance(body, Mapping) and too_deep(dict(body)):
+            raise InvalidPayload(spec.name, None, f"nests more than {MAX_NESTING} levels deep")
+        spec.validate(body)
+        self.check_size(spec.name, body)
+        return self.sign(Envelope(id=job_id, payload=dict(body), **fields))
 
     def sign(self, envelope: Envelope) -> Envelope:
         """Sign with the newest key of the envelope's source. Unchanged when no keys are
@@ -265,10 +306,13 @@ class App:
     ) -> list[Handle]:
         """Check every payload first (one bad payload raises before anything is stored), then
         enqueue them all in one broker round trip. Handles come back in order."""
+        spec, fields = self._template(job, **options)
+        payloads = list(payloads)
+        ids = new_ids(len(payloads))
         envelopes = []
-        for index, payload in enumerate(payloads):
+        for index, (payload, job_id) in enumerate(zip(payloads, ids, strict=True)):
             try:
-                envelopes.append(self.envelope(job, payload, **options))
+                envelopes.append(self._envelope(spec, fields, payload, job_id))
             except InvalidPayload as exc:
                 raise InvalidPayload(job, exc.field, f"{exc.problem} (payload #{index})") from None
         ids = self.broker.enqueue(envelopes, now=options.get("now")) if envelopes else []

@@ -107,6 +107,16 @@ def test_enqueue_many_checks_every_payload_before_storing_any(app: backroom.App)
     assert [h.result() for h in handles] == [2 * n for n in range(50)]
 
 
+def test_enqueue_many_gives_every_job_its_own_id_in_creation_order(app: backroom.App) -> None:
+    first = app.enqueue_many("add", [{"a": n, "b": n} for n in range(2000)])
+    second = app.enqueue_many("add", [{"a": n, "b": n} for n in range(10)])
+    ids = [h.id for h in first + second]
+    assert len(set(ids)) == len(ids) and all(len(i) == len(new_id()) for i in ids)
+    assert max(h.id for h in first) < min(h.id for h in second)  # ids sort by creation
+    with pytest.raises(backroom.UnknownJob):  # an unknown job is loud even with no payloads
+        app.enqueue_many("nope", [])
+
+
 def test_retries_with_backoff_then_success(app: backroom.App) -> None:
     handle = app.enqueue("flaky", {"fail_times": 2})
     app.run_worker(burst=True)
