@@ -2,7 +2,7 @@
 taskiq and celery, on one private redis-server this script starts on a free loopback port.
 
     bash bench/setup.sh                     # once: peers' virtualenvs under bench/.venvs/
-    python bench/run.py                     # full run (~10 min), writes bench/results.md
+    python bench/run.py                     # full run (~10 min), writes bench/RESULTS.md
     python bench/run.py --quick             # smaller sizes, 1 repetition (~1-2 min)
     python bench/run.py --libs backroom-redis,huey-redis --reps 5
     python bench/run.py --libs backroom-sqlite,backroom-sqlite@/tmp/proto   # A/B a prototype
@@ -541,7 +541,7 @@ def main() -> int:
     parser.add_argument("--libs", default=",".join(DEFAULT_LIBS),
                         help=f"comma-separated, from: {', '.join(LIBS)}")  # fmt: skip
     parser.add_argument("--reps", type=int, help="repetitions (default 3; --quick: 1)")
-    parser.add_argument("--out", default=str(BENCH / "results.md"))
+    parser.add_argument("--out", default=str(BENCH / "RESULTS.md"))
     parser.add_argument("--json", help="also write the raw runs as JSON here")
     args = parser.parse_args()
 
