@@ -18,7 +18,10 @@ and the min-max spread. One session per library and repetition, on an emptied Re
      finished job to the last (or to the cap), "wall" counts from the worker's start;
      the worker's RSS is sampled meanwhile (the largest process of its tree);
   4. start latency: a fresh idle worker, K jobs sent 20 ms apart, each records
-     (its first line's clock - the clock just before enqueue); p50/p99 in ms.
+     (its first line's clock - the clock just before enqueue); p50/p99 in ms;
+  6. many workers: on an emptied store, a backlog through the batch path (one call per job
+     where there is none), then 4 worker processes at once on that one Redis (or SQLite file);
+     the total steady rate from the moment all 4 have run a job.
 The job body is one Redis INCR (the probe: one RPUSH). Runs in the project's environment;
 peers run in theirs, via bench/drivers/drive.py.
 """
@@ -52,6 +55,7 @@ DRIVERS = BENCH / "drivers"
 VENVS = BENCH / ".venvs"
 COUNTER = "bench:count"
 LATENCIES = "bench:lat"
+RAN = "bench:ran"  # the pids of the processes that ran a no-op job (drivers/common.py)
 
 
 @dataclass(frozen=True)
@@ -115,16 +119,23 @@ class Sizes:
     batch_size: int
     drain_cap_s: float
     latency_jobs: int
+    many_n: int  # scenario 6: backlog for the workers, up to this many jobs ...
+    many_fill_cap_s: float  # ... or this long filling it
+    many_cap_s: float  # measured for this long once every worker ran a job
     latency_gap_s: float = 0.020
+    many_workers: int = 4
 
 
 FULL = Sizes(reps=3, enqueue_n=20_000, enqueue_cap_s=3.0, batch_n=20_000, batch_cap_s=2.0,
-             batch_size=1000, drain_cap_s=5.0, latency_jobs=200)  # fmt: skip
+             batch_size=1000, drain_cap_s=5.0, latency_jobs=200, many_n=50_000,
+             many_fill_cap_s=3.0, many_cap_s=3.0)  # fmt: skip
 QUICK = Sizes(reps=1, enqueue_n=3_000, enqueue_cap_s=1.0, batch_n=3_000, batch_cap_s=0.7,
-              batch_size=1000, drain_cap_s=1.5, latency_jobs=50)  # fmt: skip
+              batch_size=1000, drain_cap_s=1.5, latency_jobs=50, many_n=5_000,
+              many_fill_cap_s=1.0, many_cap_s=1.5)  # fmt: skip
 # the test suite's size: only checks that every scenario still runs
 SMOKE = Sizes(reps=1, enqueue_n=200, enqueue_cap_s=0.5, batch_n=200, batch_cap_s=0.5,
-              batch_size=100, drain_cap_s=0.5, latency_jobs=5)  # fmt: skip
+              batch_size=100, drain_cap_s=0.5, latency_jobs=5, many_n=2_000, many_fill_cap_s=0.5,
+              many_cap_s=0.5)  # fmt: skip
 
 # -- the private redis-server -------------------------------------------------------------------
 
@@ -200,13 +211,22 @@ def start_worker(lib: Lib, env: dict[str, str], log: Path) -> subprocess.Popen[b
 
 
 def stop_worker(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(1.5)  # shutdown is not measured: whatever is left is killed
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # stragglers of its group (forked children)
-    proc.wait(5)
+    stop_workers([proc])
+
+
+def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to all at once, 1.5 s for all of them, then SIGKILL."""
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 1.5  # shutdown is not measured: whatever is left is killed
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers of its group (forked children)
+        proc.wait(5)
 
 
 def tree_max_rss_mb(root: int) -> float:
@@ -267,48 +287,15 @@ def session(lib: Lib, sizes: Sizes, redis_url: str, logs: Path) -> dict[str, Any
 
         # 3. drain that backlog with one worker process
         result["t_batch"] = time.monotonic() - t_session
-        spawned = time.monotonic()
-        worker = start_worker(lib, env, log)
-        first: tuple[float, int] | None = None
-        last = (spawned, 0)
-        rss = 0.0
-        next_rss = spawned
-        try:
-            while True:
-                now = time.monotonic()
-                count = int(r.get(COUNTER) or 0)
-                if count and first is None:
-                    first = (now, count)
-                last = (now, count)
-                if now >= next_rss:
-                    rss = max(rss, tree_max_rss_mb(worker.pid))
-                    next_rss = now + 0.25
-                if count >= backlog:
-                    break
-                if first is not None and now - first[0] > sizes.drain_cap_s:
-                    break
-                if first is None and now - spawned > 30:
-                    raise RuntimeError(f"{lib.name}: worker ran no job in 30 s; see {log}")
-                if worker.poll() is not None:
-                    code = worker.returncode
-                    raise RuntimeError(f"{lib.name}: worker exited ({code}); see {log}")
-                time.sleep(0.004)
-            rss = max(rss, tree_max_rss_mb(worker.pid))
-        finally:
-            stop_worker(worker)
-        assert first is not None
-        (t1, c1), (t2, c2) = first, last
-        result["drain"] = (c2 - c1) / (t2 - t1) if t2 > t1 else float("nan")
-        result["drain_wall"] = c2 / (t2 - spawned)
-        result["drained"] = c2
-        result["rss"] = rss
+        one_worker = drain(lib, env, log, r, backlog, sizes.drain_cap_s, workers=1)
+        result["drain"] = one_worker["rate"]
+        result["drain_wall"] = one_worker["wall"]
+        result["drained"] = one_worker["drained"]
+        result["rss"] = one_worker["rss"]
 
         result["t_drain"] = time.monotonic() - t_session
         # 4. start latency into an idle worker
-        r.flushall()
-        if lib.store == "sqlite":
-            for name in os.listdir(sqlite_dir):
-                os.unlink(os.path.join(sqlite_dir, name))
+        empty_store(r, lib, sqlite_dir)
         worker = start_worker(lib, env, log)
         try:
             drive(lib, env, "latency", 3, sizes.latency_gap_s)  # warm-up
@@ -323,8 +310,93 @@ def session(lib: Lib, sizes: Sizes, redis_url: str, logs: Path) -> dict[str, Any
         result["p50"] = quantile(samples, 0.50)
         result["p99"] = quantile(samples, 0.99)
         result["max"] = samples[-1]
+
+        result["t_latency"] = time.monotonic() - t_session
+        # 6. several worker processes on one store: a fresh backlog, all of them started at once
+        empty_store(r, lib, sqlite_dir)
+        filled = drive(lib, env, "batch", sizes.many_n, sizes.many_fill_cap_s, sizes.batch_size)
+        if filled is None:  # no batch path: one call per job
+            filled = drive(lib, env, "enqueue", sizes.many_n, sizes.many_fill_cap_s)
+        workers = sizes.many_workers
+        many = drain(lib, env, log, r, filled["queued"], sizes.many_cap_s, workers=workers)
+        result["many"] = many["rate"]
+        result["many_wall"] = many["wall"]
+        result["many_backlog"] = filled["queued"]
+        result["many_drained"] = many["drained"]
+        result["many_ran"] = many["ran"]  # workers that ran a job (all of them, normally)
+        result["t_many"] = time.monotonic() - t_session
     r.close()
     return result
+
+
+def empty_store(r: redis.Redis, lib: Lib, sqlite_dir: str) -> None:
+    r.flushall()
+    if lib.store == "sqlite":
+        for name in os.listdir(sqlite_dir):
+            os.unlink(os.path.join(sqlite_dir, name))
+
+
+def drain(
+    lib: Lib, env: dict[str, str], log: Path, r: redis.Redis, backlog: int, cap_s: float,
+    workers: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Start `workers` worker processes at once on a queued backlog (the counter at 0) and
+    follow the counter until the backlog is done, or for cap_s seconds after the steady start:
+    the first finished job for one worker; for several, the moment each has run a job (their
+    pids in RAN), so the figure is all of them working, not the slowest one's start-up. If the
+    backlog is gone first, the figure counts from the first job ("ran" tells how many ran)."""
+    spawned = time.monotonic()
+    procs = [start_worker(lib, env, log) for _ in range(workers)]
+    first: tuple[float, int] | None = None
+    steady: tuple[float, int] | None = None
+    last = (spawned, 0)
+    rss = 0.0
+    next_rss = spawned
+    ran = 0
+    try:
+        while True:
+            now = time.monotonic()
+            count = int(r.get(COUNTER) or 0)
+            if count and first is None:
+                first = (now, count)
+            if count and steady is None:
+                ran = workers if workers == 1 else int(r.scard(RAN))
+                if ran >= workers:
+                    steady = (now, count)
+            last = (now, count)
+            if workers == 1 and now >= next_rss:
+                rss = max(rss, tree_max_rss_mb(procs[0].pid))
+                next_rss = now + 0.25
+            if count >= backlog:
+                break
+            if steady is not None and now - steady[0] > cap_s:
+                break
+            if first is None and now - spawned > 30:
+                raise RuntimeError(f"{lib.name}: no worker ran a job in 30 s; see {log}")
+            if first is not None and steady is None and now - first[0] > 30:
+                raise RuntimeError(f"{lib.name}: {ran} of {workers} workers ran a job in 30 s; "
+                                   f"see {log}")  # fmt: skip
+            for proc in procs:
+                if proc.poll() is not None:
+                    code = proc.returncode
+                    raise RuntimeError(f"{lib.name}: a worker exited ({code}); see {log}")
+            time.sleep(0.004)
+        if workers == 1:
+            rss = max(rss, tree_max_rss_mb(procs[0].pid))
+        else:
+            ran = int(r.scard(RAN))
+    finally:
+        stop_workers(procs)
+    assert first is not None
+    # from the steady start; from the first job if the backlog ran out as the last one started
+    (t1, c1), (t2, c2) = steady if steady is not None and last[0] > steady[0] else first, last
+    return {
+        "rate": (c2 - c1) / (t2 - t1) if t2 > t1 else float("nan"),
+        "wall": c2 / (t2 - spawned),
+        "drained": c2,
+        "rss": rss,
+        "ran": ran,
+    }
 
 
 def wait_for_list(
@@ -359,6 +431,7 @@ FIGURES = [
     ("p99", "start latency p99", "ms", False),
     ("bytes", "bytes per queued job", "bytes", False),
     ("rss", "worker RSS", "MB", False),
+    ("many", "drain, 4 worker processes", "rate", True),
 ]
 
 
@@ -441,7 +514,10 @@ def report(
         f"to {sizes.batch_n:,} in batches of {sizes.batch_size:,} or {sizes.batch_cap_s:g} s; "
         "drain of "
         f"that backlog (capped at {sizes.drain_cap_s:g} s after the first job); "
-        f"{sizes.latency_jobs} latency probes {sizes.latency_gap_s * 1000:.0f} ms apart",
+        f"{sizes.latency_jobs} latency probes {sizes.latency_gap_s * 1000:.0f} ms apart; "
+        f"{sizes.many_workers}-worker drain of up to {sizes.many_n:,} jobs queued through the "
+        f"batch path or {sizes.many_fill_cap_s:g} s of it, measured for "
+        f"{sizes.many_cap_s:g} s once every worker has run a job",
         "- job body: one Redis INCR (sync client); latency probe: clock, then one RPUSH",
         "",
         "| library (version) | " + " | ".join(title for _, title, _, _ in FIGURES) + " |",
@@ -458,13 +534,31 @@ def report(
         "",
         "bytes per queued job: Redis `used_memory` delta over the queued jobs of scenario 1 "
         "(for SQLite: the database file after a WAL checkpoint). worker RSS: the largest "
-        "process of the worker's process tree, sampled every 250 ms while draining.",
-        "",
+        "process of the worker's process tree, sampled every 250 ms while draining. "
+        f"drain, {sizes.many_workers} worker processes: started at once on one store (one "
+        "Redis, one SQLite file), the total rate from the moment each of them has run a job.",
     ]
+    lines += many_notes(libs, runs, sizes)
+    lines.append("")
     lines += ratio_section(libs, runs)
     if failures:
         lines += ["", "## Failures", ""] + [f"- {f}" for f in failures]
     return "\n".join(lines) + "\n"
+
+
+def many_notes(libs: list[Lib], runs: dict[str, list[dict[str, Any]]], sizes: Sizes) -> list[str]:
+    """Where not every worker got to run a job before the backlog was gone (the figure then
+    counts from the first job)."""
+    notes = []
+    for lib in libs:
+        short = [r for r in runs.get(lib.name, []) if r.get("many_ran", sizes.many_workers)
+                 < sizes.many_workers]  # fmt: skip
+        if short:
+            ran = ", ".join(str(r["many_ran"]) for r in short)
+            notes.append(f"{lib.label}: in {len(short)} of {len(runs[lib.name])} runs only "
+                         f"{ran} of {sizes.many_workers} workers ran a job before the backlog "
+                         "was gone; that figure counts from the first job")  # fmt: skip
+    return ["", *(f"- {note}" for note in notes)] if notes else []
 
 
 TARGETS = {  # figure -> (target ratio or absolute, text)
