@@ -76,24 +76,34 @@ def _finish(n: int, queues: list[str]) -> None:
         n -= len(claims)
 
 
-def _top_up(size: int, queues: list[str]) -> None:
+def _top_up(size: int, queues: list[str]) -> dict[str, float]:
+    """Returns how long the top-up spent in enqueue_many and in claim + ack (batch costs:
+    how they grow with the store shows in the JSON, not in the table)."""
+    clock = time.perf_counter
+    spent = {"fill_enqueue_s": 0.0, "fill_finish_s": 0.0}
     queued, finished = _counts()
     if finished < size:  # enqueued, then claimed and acknowledged: the queued count is kept
+        start = clock()
         _enqueue_many(size - finished)
+        middle = clock()
         _finish(size - finished, queues)
+        spent["fill_enqueue_s"] += middle - start
+        spent["fill_finish_s"] += clock() - middle
     queued, _ = _counts()
+    start = clock()
     _enqueue_many(size - queued)
-
-
-def _cpu_s() -> float:
-    """CPU seconds spent so far on this scenario's work: this process (every thread, user and
-    system), plus redis-server's own (only this process uses it meanwhile). Steadier than
-    rates when other load on the machine comes and goes between backlog sizes."""
-    spent = time.process_time()
-    if KIND == "redis":
-        info = client().info("cpu")
-        spent += float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    spent["fill_enqueue_s"] += clock() - start
     return spent
+
+
+def _cpu_s() -> tuple[float, float]:
+    """CPU seconds spent so far on this scenario's work: (this process, every thread, user and
+    system; redis-server's own, 0 for SQLite: only this process uses it meanwhile). Steadier
+    than rates when other load on the machine comes and goes between backlog sizes."""
+    if KIND != "redis":
+        return time.process_time(), 0.0
+    info = client().info("cpu")
+    return time.process_time(), float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def _measure(rounds: int, per_round: int, limit: int, queues: list[str]) -> dict[str, Any]:
@@ -101,13 +111,20 @@ def _measure(rounds: int, per_round: int, limit: int, queues: list[str]) -> dict
     clock = time.perf_counter
     figures: dict[str, list[float]] = {
         "enqueue": [], "claim": [], "enqueue_cpu": [], "claim_cpu": [],
+        "enqueue_server_cpu": [], "claim_server_cpu": [],  # redis-server's part of the CPU
     }  # fmt: skip
+
+    def spent(key: str, cpu: tuple[float, float], start: float) -> None:
+        now, (mine, server) = clock(), _cpu_s()
+        figures[key].append(per_round / (now - start))
+        figures[f"{key}_cpu"].append((mine - cpu[0] + server - cpu[1]) / per_round * 1e6)
+        figures[f"{key}_server_cpu"].append((server - cpu[1]) / per_round * 1e6)
+
     for _ in range(rounds):
         cpu, start = _cpu_s(), clock()
         for _ in range(per_round):
             app.enqueue("incr")
-        figures["enqueue"].append(per_round / (clock() - start))
-        figures["enqueue_cpu"].append((_cpu_s() - cpu) / per_round * 1e6)
+        spent("enqueue", cpu, start)
         left = per_round
         cpu, start = _cpu_s(), clock()
         while left > 0:
@@ -116,8 +133,7 @@ def _measure(rounds: int, per_round: int, limit: int, queues: list[str]) -> dict
                 raise RuntimeError("the backlog ran dry while measuring claims")
             broker.ack([(claim, None) for claim in claims])
             left -= len(claims)
-        figures["claim"].append(per_round / (clock() - start))
-        figures["claim_cpu"].append((_cpu_s() - cpu) / per_round * 1e6)
+        spent("claim", cpu, start)
     # the median of the rounds per figure (rates in jobs/s, CPU in microseconds per job)
     point: dict[str, Any] = {key: statistics.median(values) for key, values in figures.items()}
     point.update({f"{key}_rounds": values for key, values in figures.items()})
@@ -141,11 +157,12 @@ def cli() -> None:
     points = []
     for size in sizes:
         started = time.perf_counter()
-        _top_up(size, queues)
+        fill = _top_up(size, queues)
         fill_s = time.perf_counter() - started
         queued, finished = _counts()
         started = time.perf_counter()
         point = _measure(rounds, per_round, limit, queues)
+        point.update(fill)
         measure_s = time.perf_counter() - started
         point.update(size=size, queued=queued, finished=finished, fill_s=fill_s,
                      measure_s=measure_s, store_bytes=_store_bytes())  # fmt: skip
