@@ -2,8 +2,9 @@
 taskiq and celery, on one private redis-server this script starts on a free loopback port.
 
     bash bench/setup.sh                     # once: peers' virtualenvs under bench/.venvs/
-    python bench/run.py                     # full run (~10 min), writes bench/results.md
+    python bench/run.py                     # full run (~15 min), writes bench/RESULTS.md
     python bench/run.py --quick             # smaller sizes, 1 repetition (~1-2 min)
+    python bench/run.py --scale-max 100000  # scenario 5 up to 100k jobs instead of 1M
     python bench/run.py --libs backroom-redis,huey-redis --reps 5
     python bench/run.py --libs backroom-sqlite,backroom-sqlite@/tmp/proto   # A/B a prototype
 
@@ -18,7 +19,15 @@ and the min-max spread. One session per library and repetition, on an emptied Re
      finished job to the last (or to the cap), "wall" counts from the worker's start;
      the worker's RSS is sampled meanwhile (the largest process of its tree);
   4. start latency: a fresh idle worker, K jobs sent 20 ms apart, each records
-     (its first line's clock - the clock just before enqueue); p50/p99 in ms.
+     (its first line's clock - the clock just before enqueue); p50/p99 in ms;
+  6. many workers: on an emptied store, a backlog through the batch path (one call per job
+     where there is none), then 4 worker processes at once on that one Redis (or SQLite file);
+     the total steady rate from the moment all 4 have run a job.
+Once per run, after the repetitions, for backroom only (drivers/brscale.py, in-process):
+  5. scale: with 1k, 100k and 1M jobs queued and as many finished ones kept, topped up in that
+     order, the rate of `app.enqueue` (one call per job) and of `broker.claim` (8 per call, a
+     worker's free slots) followed by `broker.ack`; the cost ratio 1M / 1k (target <= 1.3x).
+     --scale-max caps the sizes (--quick: 10k, --smoke: 2k; 0 skips the scenario).
 The job body is one Redis INCR (the probe: one RPUSH). Runs in the project's environment;
 peers run in theirs, via bench/drivers/drive.py.
 """
@@ -32,6 +41,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -41,7 +51,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +62,7 @@ DRIVERS = BENCH / "drivers"
 VENVS = BENCH / ".venvs"
 COUNTER = "bench:count"
 LATENCIES = "bench:lat"
+RAN = "bench:ran"  # the pids of the processes that ran a no-op job (drivers/common.py)
 
 
 @dataclass(frozen=True)
@@ -115,16 +126,38 @@ class Sizes:
     batch_size: int
     drain_cap_s: float
     latency_jobs: int
+    many_n: int  # scenario 6: backlog for the workers, up to this many jobs ...
+    many_fill_cap_s: float  # ... or this long filling it
+    many_cap_s: float  # measured for this long once every worker ran a job
+    scale_max: int  # scenario 5: the largest backlog (0: skipped)
+    scale_rounds: int
+    scale_per_round: int  # jobs enqueued, then claimed and acked, per round
     latency_gap_s: float = 0.020
+    many_workers: int = 4
+    scale_claim: int = 8  # jobs per broker.claim: a worker's free slots (--concurrency 8)
 
 
 FULL = Sizes(reps=3, enqueue_n=20_000, enqueue_cap_s=3.0, batch_n=20_000, batch_cap_s=2.0,
-             batch_size=1000, drain_cap_s=5.0, latency_jobs=200)  # fmt: skip
+             batch_size=1000, drain_cap_s=5.0, latency_jobs=200, many_n=50_000,
+             many_fill_cap_s=3.0, many_cap_s=3.0, scale_max=1_000_000, scale_rounds=9,
+             scale_per_round=500)  # fmt: skip
 QUICK = Sizes(reps=1, enqueue_n=3_000, enqueue_cap_s=1.0, batch_n=3_000, batch_cap_s=0.7,
-              batch_size=1000, drain_cap_s=1.5, latency_jobs=50)  # fmt: skip
+              batch_size=1000, drain_cap_s=1.5, latency_jobs=50, many_n=5_000,
+              many_fill_cap_s=1.0, many_cap_s=1.5, scale_max=10_000, scale_rounds=5,
+              scale_per_round=300)  # fmt: skip
 # the test suite's size: only checks that every scenario still runs
 SMOKE = Sizes(reps=1, enqueue_n=200, enqueue_cap_s=0.5, batch_n=200, batch_cap_s=0.5,
-              batch_size=100, drain_cap_s=0.5, latency_jobs=5)  # fmt: skip
+              batch_size=100, drain_cap_s=0.5, latency_jobs=5, many_n=2_000, many_fill_cap_s=0.5,
+              many_cap_s=0.5, scale_max=2_000, scale_rounds=2, scale_per_round=100)  # fmt: skip
+SCALE_POINTS = (1_000, 100_000, 1_000_000)
+
+
+def scale_points(largest: int) -> list[int]:
+    """The backlog sizes of scenario 5 up to `largest` (which is always one of them)."""
+    if largest <= 0:
+        return []
+    return [n for n in SCALE_POINTS if n < largest] + [largest]
+
 
 # -- the private redis-server -------------------------------------------------------------------
 
@@ -181,13 +214,18 @@ def driver_env(lib: Lib, redis_url: str, sqlite_dir: str) -> dict[str, str]:
     return env
 
 
-def drive(lib: Lib, env: dict[str, str], *args: Any, timeout: float = 120) -> Any:
+def drive(
+    lib: Lib, env: dict[str, str], *args: Any, timeout: float = 120, live: bool = False
+) -> Any:
+    """Run one driver command; its JSON answer. `live`: its stderr (progress) goes to ours."""
     out = subprocess.run(
         [lib.python, str(DRIVERS / "drive.py"), lib.module, *map(str, args)],
-        env=env, capture_output=True, text=True, timeout=timeout, cwd=DRIVERS,
+        env=env, stdout=subprocess.PIPE, stderr=None if live else subprocess.PIPE, text=True,
+        timeout=timeout, cwd=DRIVERS,
     )  # fmt: skip
     if out.returncode != 0:
-        raise RuntimeError(f"{lib.name} {args[0]} failed:\n{out.stderr[-3000:]}")
+        told = "(its stderr is above)" if live else out.stderr[-3000:]
+        raise RuntimeError(f"{lib.name} {args[0]} failed:\n{told}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -200,13 +238,22 @@ def start_worker(lib: Lib, env: dict[str, str], log: Path) -> subprocess.Popen[b
 
 
 def stop_worker(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(1.5)  # shutdown is not measured: whatever is left is killed
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # stragglers of its group (forked children)
-    proc.wait(5)
+    stop_workers([proc])
+
+
+def stop_workers(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to all at once, 1.5 s for all of them, then SIGKILL."""
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 1.5  # shutdown is not measured: whatever is left is killed
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers of its group (forked children)
+        proc.wait(5)
 
 
 def tree_max_rss_mb(root: int) -> float:
@@ -267,48 +314,15 @@ def session(lib: Lib, sizes: Sizes, redis_url: str, logs: Path) -> dict[str, Any
 
         # 3. drain that backlog with one worker process
         result["t_batch"] = time.monotonic() - t_session
-        spawned = time.monotonic()
-        worker = start_worker(lib, env, log)
-        first: tuple[float, int] | None = None
-        last = (spawned, 0)
-        rss = 0.0
-        next_rss = spawned
-        try:
-            while True:
-                now = time.monotonic()
-                count = int(r.get(COUNTER) or 0)
-                if count and first is None:
-                    first = (now, count)
-                last = (now, count)
-                if now >= next_rss:
-                    rss = max(rss, tree_max_rss_mb(worker.pid))
-                    next_rss = now + 0.25
-                if count >= backlog:
-                    break
-                if first is not None and now - first[0] > sizes.drain_cap_s:
-                    break
-                if first is None and now - spawned > 30:
-                    raise RuntimeError(f"{lib.name}: worker ran no job in 30 s; see {log}")
-                if worker.poll() is not None:
-                    code = worker.returncode
-                    raise RuntimeError(f"{lib.name}: worker exited ({code}); see {log}")
-                time.sleep(0.004)
-            rss = max(rss, tree_max_rss_mb(worker.pid))
-        finally:
-            stop_worker(worker)
-        assert first is not None
-        (t1, c1), (t2, c2) = first, last
-        result["drain"] = (c2 - c1) / (t2 - t1) if t2 > t1 else float("nan")
-        result["drain_wall"] = c2 / (t2 - spawned)
-        result["drained"] = c2
-        result["rss"] = rss
+        one_worker = drain(lib, env, log, r, backlog, sizes.drain_cap_s, workers=1)
+        result["drain"] = one_worker["rate"]
+        result["drain_wall"] = one_worker["wall"]
+        result["drained"] = one_worker["drained"]
+        result["rss"] = one_worker["rss"]
 
         result["t_drain"] = time.monotonic() - t_session
         # 4. start latency into an idle worker
-        r.flushall()
-        if lib.store == "sqlite":
-            for name in os.listdir(sqlite_dir):
-                os.unlink(os.path.join(sqlite_dir, name))
+        empty_store(r, lib, sqlite_dir)
         worker = start_worker(lib, env, log)
         try:
             drive(lib, env, "latency", 3, sizes.latency_gap_s)  # warm-up
@@ -323,8 +337,93 @@ def session(lib: Lib, sizes: Sizes, redis_url: str, logs: Path) -> dict[str, Any
         result["p50"] = quantile(samples, 0.50)
         result["p99"] = quantile(samples, 0.99)
         result["max"] = samples[-1]
+
+        result["t_latency"] = time.monotonic() - t_session
+        # 6. several worker processes on one store: a fresh backlog, all of them started at once
+        empty_store(r, lib, sqlite_dir)
+        filled = drive(lib, env, "batch", sizes.many_n, sizes.many_fill_cap_s, sizes.batch_size)
+        if filled is None:  # no batch path: one call per job
+            filled = drive(lib, env, "enqueue", sizes.many_n, sizes.many_fill_cap_s)
+        workers = sizes.many_workers
+        many = drain(lib, env, log, r, filled["queued"], sizes.many_cap_s, workers=workers)
+        result["many"] = many["rate"]
+        result["many_wall"] = many["wall"]
+        result["many_backlog"] = filled["queued"]
+        result["many_drained"] = many["drained"]
+        result["many_ran"] = many["ran"]  # workers that ran a job (all of them, normally)
+        result["t_many"] = time.monotonic() - t_session
     r.close()
     return result
+
+
+def empty_store(r: redis.Redis, lib: Lib, sqlite_dir: str) -> None:
+    r.flushall()
+    if lib.store == "sqlite":
+        for name in os.listdir(sqlite_dir):
+            os.unlink(os.path.join(sqlite_dir, name))
+
+
+def drain(
+    lib: Lib, env: dict[str, str], log: Path, r: redis.Redis, backlog: int, cap_s: float,
+    workers: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Start `workers` worker processes at once on a queued backlog (the counter at 0) and
+    follow the counter until the backlog is done, or for cap_s seconds after the steady start:
+    the first finished job for one worker; for several, the moment each has run a job (their
+    pids in RAN), so the figure is all of them working, not the slowest one's start-up. If the
+    backlog is gone first, the figure counts from the first job ("ran" tells how many ran)."""
+    spawned = time.monotonic()
+    procs = [start_worker(lib, env, log) for _ in range(workers)]
+    first: tuple[float, int] | None = None
+    steady: tuple[float, int] | None = None
+    last = (spawned, 0)
+    rss = 0.0
+    next_rss = spawned
+    ran = 0
+    try:
+        while True:
+            now = time.monotonic()
+            count = int(r.get(COUNTER) or 0)
+            if count and first is None:
+                first = (now, count)
+            if count and steady is None:
+                ran = workers if workers == 1 else int(r.scard(RAN))
+                if ran >= workers:
+                    steady = (now, count)
+            last = (now, count)
+            if workers == 1 and now >= next_rss:
+                rss = max(rss, tree_max_rss_mb(procs[0].pid))
+                next_rss = now + 0.25
+            if count >= backlog:
+                break
+            if steady is not None and now - steady[0] > cap_s:
+                break
+            if first is None and now - spawned > 30:
+                raise RuntimeError(f"{lib.name}: no worker ran a job in 30 s; see {log}")
+            if first is not None and steady is None and now - first[0] > 30:
+                raise RuntimeError(f"{lib.name}: {ran} of {workers} workers ran a job in 30 s; "
+                                   f"see {log}")  # fmt: skip
+            for proc in procs:
+                if proc.poll() is not None:
+                    code = proc.returncode
+                    raise RuntimeError(f"{lib.name}: a worker exited ({code}); see {log}")
+            time.sleep(0.004)
+        if workers == 1:
+            rss = max(rss, tree_max_rss_mb(procs[0].pid))
+        else:
+            ran = int(r.scard(RAN))
+    finally:
+        stop_workers(procs)
+    assert first is not None
+    # from the steady start; from the first job if the backlog ran out as the last one started
+    (t1, c1), (t2, c2) = steady if steady is not None and last[0] > steady[0] else first, last
+    return {
+        "rate": (c2 - c1) / (t2 - t1) if t2 > t1 else float("nan"),
+        "wall": c2 / (t2 - spawned),
+        "drained": c2,
+        "rss": rss,
+        "ran": ran,
+    }
 
 
 def wait_for_list(
@@ -347,6 +446,24 @@ def quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
+def scale(lib: Lib, sizes: Sizes, redis_url: str) -> list[dict[str, Any]]:
+    """Scenario 5 for one backroom store, in one driver process (drivers/brscale.py), on an
+    emptied Redis or a fresh SQLite file; the store is emptied again afterwards."""
+    r = redis.Redis.from_url(redis_url)
+    r.flushall()
+    points = ",".join(map(str, scale_points(sizes.scale_max)))
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-scale-") as sqlite_dir:
+            env = driver_env(lib, redis_url, sqlite_dir)
+            args = (points, sizes.scale_rounds, sizes.scale_per_round, sizes.scale_claim)
+            out = drive(replace(lib, module="brscale"), env, "scale", *args, timeout=3600,
+                        live=True)  # fmt: skip
+    finally:
+        r.flushall()
+        r.close()
+    return list(out["points"])
+
+
 # -- the report ---------------------------------------------------------------------------------
 
 # figure, title, unit, higher is better
@@ -359,7 +476,9 @@ FIGURES = [
     ("p99", "start latency p99", "ms", False),
     ("bytes", "bytes per queued job", "bytes", False),
     ("rss", "worker RSS", "MB", False),
+    ("many", "drain, 4 worker processes", "rate", True),
 ]
+SCALE_TARGET = 1.3  # issue #9: enqueue and reserve cost with 1M jobs queued within 1.3x of 1k
 
 
 def fmt(value: float, unit: str) -> str:
@@ -371,6 +490,8 @@ def fmt(value: float, unit: str) -> str:
         return f"{value:.2f} ms" if value < 10 else f"{value:.1f} ms"
     if unit == "bytes":
         return f"{value:,.0f}"
+    if unit == "us":
+        return f"{value:,.0f} µs"
     return f"{value:.0f} MB"
 
 
@@ -420,28 +541,59 @@ def cpu_busy() -> tuple[float, float]:
     return sum(fields) - idle, sum(fields)
 
 
+def count_label(n: int) -> str:
+    """1000 -> 1k, 100000 -> 100k, 1000000 -> 1M (exact multiples; else with a comma)."""
+    if n >= 1_000_000 and n % 1_000_000 == 0:
+        return f"{n // 1_000_000}M"
+    if n >= 1000 and n % 1000 == 0:
+        return f"{n // 1000}k"
+    return f"{n:,}"
+
+
 def report(
     libs: list[Lib], runs: dict[str, list[dict[str, Any]]], versions: dict[str, str],
     facts: dict[str, str], sizes: Sizes, noise: str, elapsed: float, failures: list[str],
+    command: str, scaled: dict[str, list[dict[str, Any]]],
 ) -> str:  # fmt: skip
     today = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    what = (
+        f"{sizes.reps} interleaved repetition{'s' if sizes.reps > 1 else ''}"
+        if sizes.reps
+        else "only the scale scenario"
+    )
     lines = [
         "# Benchmark results",
         "",
-        f"Run {today} with `python bench/run.py{' --quick' if sizes is QUICK else ''}"
-        f"{' --smoke' if sizes is SMOKE else ''}` "
-        f"({sizes.reps} interleaved repetition{'s' if sizes.reps > 1 else ''}, "
-        f"{elapsed / 60:.1f} min). "
+        f"Run {today} with `{command}` ({what}, {elapsed / 60:.1f} min). "
         "Median per figure, min–max of the repetitions in small print.",
         "",
         f"- machine: {facts['cpu']}; {facts['os']}",
         f"- Python {facts['python']}; {facts['redis']}",
         f"- noise: {noise}",
+    ]
+    if sizes.reps:
+        lines += sessions_section(libs, runs, versions, sizes)
+    if scaled:
+        lines += ["", *scale_section(libs, scaled, sizes)]
+    if failures:
+        lines += ["", "## Failures", ""] + [f"- {f}" for f in failures]
+    return "\n".join(lines) + "\n"
+
+
+def sessions_section(
+    libs: list[Lib], runs: dict[str, list[dict[str, Any]]], versions: dict[str, str],
+    sizes: Sizes,
+) -> list[str]:  # fmt: skip
+    """Scenarios 1-4 and 6: the main table, and backroom against the best peer."""
+    lines = [
         f"- sizes: enqueue up to {sizes.enqueue_n:,} jobs or {sizes.enqueue_cap_s:g} s; batch up "
         f"to {sizes.batch_n:,} in batches of {sizes.batch_size:,} or {sizes.batch_cap_s:g} s; "
         "drain of "
         f"that backlog (capped at {sizes.drain_cap_s:g} s after the first job); "
-        f"{sizes.latency_jobs} latency probes {sizes.latency_gap_s * 1000:.0f} ms apart",
+        f"{sizes.latency_jobs} latency probes {sizes.latency_gap_s * 1000:.0f} ms apart; "
+        f"{sizes.many_workers}-worker drain of up to {sizes.many_n:,} jobs queued through the "
+        f"batch path or {sizes.many_fill_cap_s:g} s of it, measured for "
+        f"{sizes.many_cap_s:g} s once every worker has run a job",
         "- job body: one Redis INCR (sync client); latency probe: clock, then one RPUSH",
         "",
         "| library (version) | " + " | ".join(title for _, title, _, _ in FIGURES) + " |",
@@ -458,13 +610,99 @@ def report(
         "",
         "bytes per queued job: Redis `used_memory` delta over the queued jobs of scenario 1 "
         "(for SQLite: the database file after a WAL checkpoint). worker RSS: the largest "
-        "process of the worker's process tree, sampled every 250 ms while draining.",
-        "",
+        "process of the worker's process tree, sampled every 250 ms while draining. "
+        f"drain, {sizes.many_workers} worker processes: started at once on one store (one "
+        "Redis, one SQLite file), the total rate from the moment each of them has run a job.",
     ]
+    lines += many_notes(libs, runs, sizes)
+    lines.append("")
     lines += ratio_section(libs, runs)
-    if failures:
-        lines += ["", "## Failures", ""] + [f"- {f}" for f in failures]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def many_notes(libs: list[Lib], runs: dict[str, list[dict[str, Any]]], sizes: Sizes) -> list[str]:
+    """Where not every worker got to run a job before the backlog was gone (the figure then
+    counts from the first job)."""
+    notes = []
+    for lib in libs:
+        short = [r for r in runs.get(lib.name, []) if r.get("many_ran", sizes.many_workers)
+                 < sizes.many_workers]  # fmt: skip
+        if short:
+            ran = ", ".join(str(r["many_ran"]) for r in short)
+            notes.append(f"{lib.label}: in {len(short)} of {len(runs[lib.name])} runs only "
+                         f"{ran} of {sizes.many_workers} workers ran a job before the backlog "
+                         "was gone; that figure counts from the first job")  # fmt: skip
+    return ["", *(f"- {note}" for note in notes)] if notes else []
+
+
+def scale_section(
+    libs: list[Lib], scaled: dict[str, list[dict[str, Any]]], sizes: Sizes
+) -> list[str]:
+    labels = {lib.name: lib.label for lib in libs}
+    stores = {lib.name: lib.store for lib in libs}
+    points = scale_points(sizes.scale_max)
+    largest, smallest = count_label(points[-1]), count_label(points[0])
+    lines = [
+        "## Scale: backroom with a growing backlog",
+        "",
+        f"Once per run, one process per store calling backroom in-process. At each backlog size "
+        "(that many jobs queued and that many finished ones kept, filled through `enqueue_many`, "
+        "`broker.claim` and `broker.ack` in batches, so the finished ones are real `succeeded` "
+        f"records; topped up between sizes, smallest first), {sizes.scale_rounds} rounds of "
+        f"{sizes.scale_per_round:,} `app.enqueue` calls (one job each) and of "
+        f"{sizes.scale_per_round:,} jobs reserved with `broker.claim(..., limit="
+        f"{sizes.scale_claim})` (a worker with {sizes.scale_claim} free slots) and acknowledged "
+        "with `broker.ack` of each claimed batch: the backlog stays within one round of its "
+        "size. Median of the rounds, their min–max in small print. CPU per job: this "
+        "process's (all threads, user and system) plus, for Redis, redis-server's; it moves "
+        "less than a rate when the machine's other load changes between sizes. Cost ratio: the "
+        f"cost per job (1 / rate, or the CPU) at {largest} over the one at {smallest}; target "
+        f"≤ {SCALE_TARGET:g}× (issue #9).",
+        "",
+        "| library | figure | "
+        + " | ".join(count_label(n) for n in points)
+        + f" | cost {largest} / {smallest} | target |",
+        "| --- | --- | " + " | ".join("---" for _ in points) + " | --- | --- |",
+    ]
+    rows = [
+        ("enqueue", "enqueue, 1 call per job", "rate"),
+        ("claim", f"claim ({sizes.scale_claim} per call) + ack", "rate"),
+        ("enqueue_cpu", "enqueue: CPU per job", "us"),
+        ("claim_cpu", "claim + ack: CPU per job", "us"),
+    ]
+    for name, measured in scaled.items():
+        by_size = {p["size"]: p for p in measured}
+        label = labels.get(name, name)
+        for key, title, unit in rows:
+            cells = [cell(by_size[n][f"{key}_rounds"], unit) if n in by_size else "—"
+                     for n in points]  # fmt: skip
+            ratio = "—"
+            if points[0] in by_size and points[-1] in by_size:
+                first, last = by_size[points[0]][key], by_size[points[-1]][key]
+                value = first / last if unit == "rate" else last / first  # cost ratio
+                ratio = f"{value:.2f}× ({'met' if value <= SCALE_TARGET else 'missed'})"
+            lines.append(f"| {label} | {title} | " + " | ".join(cells)
+                         + f" | {ratio} | ≤ {SCALE_TARGET:g}× |")  # fmt: skip
+        size = [f"{by_size[n]['store_bytes'] / 2**20:,.0f} MiB" if n in by_size else "—"
+                for n in points]  # fmt: skip
+        what = "SQLite file + WAL" if stores.get(name) == "sqlite" else "Redis used_memory"
+        lines.append(f"| {label} | store size ({what}) | " + " | ".join(size) + " | | |")
+        stored = [f"{count_label_approx(by_size[n]['queued'])} / "
+                  f"{count_label_approx(by_size[n]['finished'])}" if n in by_size else "—"
+                  for n in points]  # fmt: skip
+        took = sum(p["fill_s"] + p["measure_s"] for p in measured)
+        lines.append(f"| {label} | in the store: queued / finished | " + " | ".join(stored)
+                     + f" | (filled and measured in {took:.0f} s) | |")  # fmt: skip
+    return lines
+
+
+def count_label_approx(n: int) -> str:
+    """The store's count, short: 1,000 -> 1.0k, 1,000,000 -> 1.00M."""
+    if n >= 1_000_000:
+        return f"{n / 1e6:.2f}M"
+    if n >= 1000:
+        return f"{n / 1000:.1f}k"
+    return str(n)
 
 
 TARGETS = {  # figure -> (target ratio or absolute, text)
@@ -540,14 +778,20 @@ def main() -> int:
     )
     parser.add_argument("--libs", default=",".join(DEFAULT_LIBS),
                         help=f"comma-separated, from: {', '.join(LIBS)}")  # fmt: skip
-    parser.add_argument("--reps", type=int, help="repetitions (default 3; --quick: 1)")
-    parser.add_argument("--out", default=str(BENCH / "results.md"))
+    parser.add_argument("--reps", type=int,
+                        help="repetitions (default 3; --quick: 1; 0: only scenario 5)")  # fmt: skip
+    parser.add_argument("--out", default=str(BENCH / "RESULTS.md"))
     parser.add_argument("--json", help="also write the raw runs as JSON here")
+    parser.add_argument("--scale-max", type=int, metavar="N",
+                        help="scenario 5's largest backlog (default 1,000,000; --quick: 10,000; "
+                             "--smoke: 2,000; 0 skips scenario 5)")  # fmt: skip
     args = parser.parse_args()
 
     sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
-    if args.reps:
-        sizes = Sizes(**{**sizes.__dict__, "reps": args.reps})
+    if args.reps is not None:
+        sizes = replace(sizes, reps=max(0, args.reps))
+    if args.scale_max is not None:
+        sizes = replace(sizes, scale_max=max(0, args.scale_max))
     libs = []
     for spec in args.libs.split(","):
         name, _, src = spec.partition("@")  # backroom-redis@/tmp/proto: that source tree
@@ -596,6 +840,20 @@ def main() -> int:
                 print(f"rep {rep + 1}/{sizes.reps} {lib.name:16s} {time.monotonic() - t:5.1f} s  "
                       + "  ".join(f"{k}={v:.4g}" for k, v in run.items()),
                       file=sys.stderr, flush=True)  # fmt: skip
+        # 5. scale, once per run (filling a million jobs takes minutes): backroom's stores
+        scaled: dict[str, list[dict[str, Any]]] = {}
+        for lib in libs if sizes.scale_max > 0 else []:
+            if not lib.name.startswith("backroom") or "async" in lib.name:
+                continue  # (the async variants share their store's broker)
+            t = time.monotonic()
+            try:
+                scaled[lib.name] = scale(lib, sizes, url)
+            except Exception as exc:
+                failures.append(f"{lib.name} (scale): {exc}")
+                print(f"  {lib.name} scale: FAILED {exc}", file=sys.stderr)
+                continue
+            print(f"scale {lib.name:16s} {time.monotonic() - t:5.1f} s", file=sys.stderr,
+                  flush=True)  # fmt: skip
     busy1, total1 = cpu_busy()
     load1 = os.getloadavg()
     elapsed = time.monotonic() - started
@@ -611,10 +869,13 @@ def main() -> int:
             else "—"
         )
     )
-    text = report(libs, runs, versions, facts, sizes, noise, elapsed, failures)
+    command = "python bench/run.py" + "".join(" " + shlex.quote(a) for a in sys.argv[1:])
+    text = report(libs, runs, versions, facts, sizes, noise, elapsed, failures, command, scaled)
     Path(args.out).write_text(text)
     if args.json:
-        Path(args.json).write_text(json.dumps({"runs": runs, "versions": versions}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"runs": runs, "scale": scaled, "versions": versions}, indent=1)
+        )
     print(text)
     print(f"(written to {args.out}; worker logs in {logs})", file=sys.stderr)
     return 1 if failures else 0

@@ -27,9 +27,11 @@ def lat(sent: float) -> None:
 
 
 def _worker() -> None:
+    # a node name of its own (celery's docs: one -n per worker on a host), for the 4-worker run
     os.execv(sys.executable, [sys.executable, "-m", "celery", "-A", "ce", "worker", "--pool",
                               POOL, "--loglevel", "WARNING", "--without-heartbeat",
-                              "--without-gossip", "--without-mingle"])  # fmt: skip
+                              "--without-gossip", "--without-mingle",
+                              "--hostname", f"w{os.getpid()}@%h"])  # fmt: skip
 
 
 def cli() -> None:

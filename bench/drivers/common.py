@@ -22,8 +22,10 @@ REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 SQLITE_DIR = os.environ.get("BENCH_SQLITE_DIR", "/tmp")
 COUNTER = "bench:count"  # INCR'd by every no-op job
 LATENCIES = "bench:lat"  # the latency probe pushes (job start - enqueue) in seconds
+RAN = "bench:ran"  # the pid of every process that ran a no-op job (once per process)
 
 _client: redis.Redis | None = None
+_ran = False
 
 
 def client() -> redis.Redis:
@@ -34,8 +36,13 @@ def client() -> redis.Redis:
 
 
 def noop_body() -> None:
-    """The job body of the drain and enqueue scenarios: one Redis INCR."""
+    """The job body of the drain and enqueue scenarios: one Redis INCR. A process's first job
+    also adds its pid to RAN, so the runner knows when each of several workers is running."""
+    global _ran
     client().incr(COUNTER)
+    if not _ran:
+        _ran = True
+        client().sadd(RAN, os.getpid())
 
 
 def latency_body(sent: float) -> None:
