@@ -368,6 +368,16 @@ def test_ack_of_a_batch_reports_each_outcome_in_order(broker: Broker) -> None:
     assert {state_of(broker, job_id) for job_id in ids} == {State.SUCCEEDED}
 
 
+def test_a_claim_takes_up_to_its_limit_however_large(broker: Broker) -> None:
+    # 9,000 fresh jobs and 9,000 queued again (released) are taken in one call
+    ids = broker.enqueue([envelope_for("resize_video") for _ in range(18_000)], now=T)
+    held = broker.claim(["default"], "w1", LEASE_S, limit=9_000, now=T)
+    assert broker.release(held, now=T + 1) == 9_000
+    claims = broker.claim(["default"], "w2", LEASE_S, limit=30_000, now=T + 2)
+    assert sorted(c.id for c in claims) == sorted(ids)
+    assert all(broker.ack([(c, None) for c in claims], now=T + 3))
+
+
 def test_nack_with_a_retry_time_makes_the_job_retrying_until_promote_due_queues_it(
     broker: Broker,
 ) -> None:

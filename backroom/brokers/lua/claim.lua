@@ -94,7 +94,7 @@ local function claim_slot(queue, member)
     key = k_again(queue, member)
   end
   while n < limit do
-    local want, ids = limit - n, nil
+    local want, ids = math.min(limit - n, 1000), nil  -- unpack() stops near 8,000 values
     if colon then
       ids = redis.call('LPOP', key, want)
     else
