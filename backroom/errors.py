@@ -18,6 +18,11 @@ class ConfigError(BackroomError):
 class UnknownJob(BackroomError):
     def __init__(self, job: str, known: Iterable[str]) -> None:
         self.job, self.known = job, sorted(known)
+        if not isinstance(job, str):  # the job's function, say, instead of its name
+            name = getattr(job, "__name__", None)
+            hint = f"; pass its name, {name!r}" if name in self.known else ""
+            super().__init__(f"a job is named by a string, got {type(job).__name__} {job!r}{hint}")
+            return
         near = difflib.get_close_matches(job, self.known, n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
         listed = ", ".join(self.known) or "none"
@@ -90,9 +95,9 @@ class ResultTimeout(BackroomError, TimeoutError):
         super().__init__(f"job {job_id} has no result after {timeout:g} s (it is {state})")
 
 
-class JobTimeout(TimeoutError):
-    """A job ran past its timeout."""
+class JobTimeout(BackroomError, TimeoutError):
+    """A job ran past its timeout; `except TimeoutError` still catches it."""
 
 
-class WorkerCrashed(Exception):
+class WorkerCrashed(BackroomError):
     """The process running a job died (os._exit, a segfault, the OOM killer) before it ended."""

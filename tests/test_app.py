@@ -117,6 +117,17 @@ def test_enqueue_many_gives_every_job_its_own_id_in_creation_order(app: backroom
         app.enqueue_many("nope", [])
 
 
+def test_a_job_passed_as_its_function_gets_an_error_naming_the_string_to_pass(
+    app: backroom.App,
+) -> None:
+    @app.job()
+    def resize(width: int) -> None: ...
+
+    with pytest.raises(backroom.UnknownJob, match=r"named by a string, .*pass its name, 'resize'"):
+        app.enqueue(resize, {"width": 1})  # type: ignore[arg-type]
+    assert app.broker.stats().jobs == {}
+
+
 def test_retries_with_backoff_then_success(app: backroom.App) -> None:
     handle = app.enqueue("flaky", {"fail_times": 2})
     app.run_worker(burst=True)
