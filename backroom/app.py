@@ -179,7 +179,8 @@ class App:
         return entry
 
     def on_failure(self, hook: Hook) -> Hook:
-        """Call `hook(envelope, exception)` whenever an attempt fails (retrying or dead)."""
+        """Call `hook(envelope, exception)` whenever an attempt fails (retrying or dead) and
+        when a worker rejects an envelope: an error reporter hooked here misses nothing."""
         self.failure_hooks.append(hook)
         return hook
 

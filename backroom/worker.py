@@ -418,6 +418,7 @@ class Worker:
         await self._persist(self.broker.reject, claim, reason)
         logger.warning("rejected job %s (%s): %s", claim.id, envelope.job, reason)
         self._recorder.notify(self.app.reject_hooks, envelope, rejected.error)
+        self._recorder.notify(self.app.failure_hooks, envelope, rejected.error)
         self._count_done()
         self._done.append(claim.id)
 

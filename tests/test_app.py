@@ -162,7 +162,9 @@ def test_a_job_out_of_retries_is_dead_with_its_traceback_and_hooks_fire(
 
 def test_the_worker_rejects_envelopes_that_got_around_the_producer(app: backroom.App) -> None:
     rejected: list[tuple[str, str]] = []
+    failed: list[tuple[str, str]] = []
     app.on_reject(lambda envelope, error: rejected.append((envelope.job, type(error).__name__)))
+    app.on_failure(lambda envelope, error: failed.append((envelope.job, type(error).__name__)))
     smuggled = [
         Envelope(id=new_id(), job="transcode", source="api", payload={}),
         Envelope(id=new_id(), job="send_invoices", source="api", payload={"month": "x"}),
@@ -178,6 +180,7 @@ def test_the_worker_rejects_envelopes_that_got_around_the_producer(app: backroom
     assert reasons[2].startswith("invalid payload: field 'a' expects")
     assert sorted(rejected) == [("add", "InvalidPayload"), ("send_invoices", "SourceNotAllowed"),
                                 ("transcode", "UnknownJob")]  # fmt: skip
+    assert sorted(failed) == sorted(rejected)  # an error reporter on on_failure hears of them
     assert good.result(timeout=5) == 1
     stats = app.broker.stats().jobs
     assert stats["transcode"].rejections == {"unknown job": 1}
