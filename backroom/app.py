@@ -36,7 +36,6 @@ from backroom.errors import (
     JobNotFound,
     PayloadTooLarge,
     ResultTimeout,
-    UnknownJob,
 )
 from backroom.jobs import Backoff, JobSpec, Registry, build_spec
 from backroom.security import Keyring, KeySpec, Redactor
@@ -242,8 +241,8 @@ class App:
         spec = self.registry.get(job)
         source = source or self.source
         spec.check_source(source)
-        if then is not None and then not in self.registry:
-            raise UnknownJob(then, self.registry.names())
+        if then is not None:  # the follow-up's source will be "job:<this job>"
+            self.registry.get(then).check_source(f"job:{job}")
         created = time.time() if now is None else now
         fields = {
             "job": job,

@@ -5,6 +5,7 @@ success. It keeps no state of its own; the broker calls run on the caller's thre
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import traceback
@@ -13,8 +14,9 @@ from typing import Any
 
 from backroom.app import App
 from backroom.brokers.base import Broker, Claim, Failure
-from backroom.envelope import JSON, Envelope, State
+from backroom.envelope import JSON, Envelope, State, new_id
 from backroom.errors import (
+    BackroomError,
     InvalidPayload,
     JobTimeout,
     PayloadTooLarge,
@@ -125,12 +127,33 @@ class Recorder:
 
     def enqueue_then(self, envelope: Envelope, result: JSON) -> None:
         """The follow-up job, enqueued before the ack with a key tied to this job, so a crash in
-        between re-runs the job but never doubles the follow-up."""
-        assert envelope.then is not None
-        follow = self.app.envelope(
-            envelope.then, {"result": result}, source=f"job:{envelope.job}",
-            unique_key=f"then:{envelope.id}", unique_for=7 * 86400.0, tags=envelope.tags,
-        )  # fmt: skip
+        between re-runs the job but never doubles the follow-up. Its payload is
+        {"result": result}, or the result itself when that is a JSON object and the follow-up
+        takes no `result` argument. A follow-up that fails its checks (the result does not fit,
+        the job is gone in this deploy) is stored all the same: a worker rejects it, with the
+        reason, the hooks and the counts of any rejection; it is never silently dropped."""
+        then = envelope.then
+        assert then is not None
+        payload: Any = {"result": result}
+        spec = self.app.registry.get(then) if then in self.app.registry else None
+        takes_result = spec is None or "result" in spec.model.model_fields
+        if isinstance(result, dict) and not takes_result:
+            payload = result
+        options: dict[str, Any] = {
+            "source": f"job:{envelope.job}", "unique_key": f"then:{envelope.id}",
+            "unique_for": 7 * 86400.0, "tags": envelope.tags,
+        }  # fmt: skip
+        try:
+            follow = self.app.envelope(then, payload, **options)
+        except BackroomError as exc:
+            logger.warning("follow-up %s of job %s (%s) fails its checks (%s); a worker will "
+                           "reject it", then, envelope.id, envelope.job, exc)  # fmt: skip
+            follow = Envelope(
+                id=new_id(), job=then, payload=payload, created_at=time.time(),
+                queue=spec.queue if spec else envelope.queue, **options,
+            )  # fmt: skip
+            with contextlib.suppress(BackroomError):  # signed if a key covers its source
+                follow = self.app.sign(follow)
         self.broker.enqueue([follow])
 
     def notify(self, hooks: Sequence[Callable[[Envelope, BaseException], None]],

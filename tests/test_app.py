@@ -207,6 +207,51 @@ def test_then_enqueues_a_follow_up_with_the_result(app: backroom.App) -> None:
         app.enqueue("add", {"a": 1}, then="tripple")
 
 
+def test_a_follow_up_gets_a_dict_result_as_its_payload_unless_it_takes_result(
+    app: backroom.App,
+) -> None:
+    @app.job()
+    def count_lines(path: str) -> dict[str, Any]:
+        return {"path": path, "lines": 3}
+
+    @app.job()
+    def report(path: str, lines: int) -> str:
+        return f"{path}: {lines}"
+
+    @app.job()
+    def keep(result: dict[str, Any]) -> int:
+        return int(result["lines"])
+
+    first = app.enqueue("count_lines", {"path": "a.log"}, then="report")
+    second = app.enqueue("count_lines", {"path": "b.log"}, then="keep")
+    app.run_worker(burst=True)
+    assert first.result(timeout=5) == {"path": "a.log", "lines": 3}
+    [reported] = app.broker.jobs(backroom_query("report"))
+    [kept] = app.broker.jobs(backroom_query("keep"))
+    assert (reported.result, kept.result) == ("a.log: 3", 3)
+    assert second.status() == "succeeded"
+
+
+def test_a_follow_up_that_does_not_fit_the_result_is_rejected_loudly_not_lost(
+    app: backroom.App,
+) -> None:
+    @app.job()
+    def shout_it(result: list[str]) -> None: ...
+
+    heard: list[str] = []
+    app.on_reject(lambda envelope, error: heard.append(envelope.job))
+    first = app.enqueue("add", {"a": 2}, then="shout_it")
+    app.run_worker(burst=True)
+    assert first.result(timeout=5) == 2
+    [follow] = app.broker.jobs(backroom_query("shout_it"))
+    assert follow.state == "rejected" and follow.envelope.source == "job:add"
+    assert (follow.reason or "").startswith("invalid payload: field 'result'")
+    assert heard == ["shout_it"]
+    # a follow-up that may never take this job's result is refused at enqueue
+    with pytest.raises(backroom.SourceNotAllowed, match="'job:add' may not schedule"):
+        app.enqueue("add", {"a": 1}, then="send_invoices")
+
+
 def backroom_query(job: str) -> Any:
     from backroom.brokers.base import JobQuery
 
