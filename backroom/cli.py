@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, NoReturn
@@ -41,13 +42,15 @@ def load_app(path: str | None, url: str | None) -> App:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
+    except Exception as exc:  # the module is not there, its code raised, or does not compile
+        missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+        if missing and module_name.startswith(missing):
             raise ConfigError(
-                f"--app {path!r}: no module named {exc.name!r} (run from the project's folder or "
+                f"--app {path!r}: no module named {missing!r} (run from the project's folder or "
                 "check PYTHONPATH)"
             ) from None
-        raise
+        failed = f"--app {path!r}: importing {module_name} failed: {_where(exc)}"
+        raise ConfigError(failed) from None
     app = getattr(module, attribute, None)
     if not isinstance(app, App):
         found = "nothing" if app is None else type(app).__name__
@@ -57,6 +60,19 @@ def load_app(path: str | None, url: str | None) -> App:
     if url:
         app.url = url
     return app
+
+
+def _where(exc: BaseException) -> str:
+    """An exception and the line that raised it, on one line: `ValueError: bad (jobs.py:12)`."""
+    if isinstance(exc, SyntaxError):
+        filename, line = exc.filename, exc.lineno
+        text = f"SyntaxError: {exc.msg}"
+    else:
+        frames = traceback.extract_tb(exc.__traceback__)
+        own = [f for f in frames if "importlib" not in f.filename] or frames
+        filename, line = (own[-1].filename, own[-1].lineno) if own else (None, None)
+        text = f"{type(exc).__name__}: {exc}"
+    return f"{text} ({filename}:{line})" if filename else text
 
 
 # -- commands ------------------------------------------------------------------------------------

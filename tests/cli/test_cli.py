@@ -189,6 +189,30 @@ def test_bad_input_gets_one_clear_line_and_a_non_zero_exit(
     assert message in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("import backroom\nimport not_installed_dep\n",
+         "ModuleNotFoundError: No module named 'not_installed_dep' ({path}:2)"),
+        ("import backroom\napp = backroom.App(\n", "SyntaxError: "),
+        ("import os\nraise RuntimeError('DATABASE_URL is not set')\n",
+         "RuntimeError: DATABASE_URL is not set ({path}:2)"),
+    ],
+)  # fmt: skip
+def test_an_app_module_that_fails_to_import_gets_one_line_naming_where(
+    tmp_path: Path, source: str, message: str
+) -> None:
+    module = tmp_path / "myjobs.py"
+    module.write_text(source)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+    command = [sys.executable, "-m", "backroom", "jobs", "--app", "myjobs:app"]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("backroom: --app 'myjobs:app': importing myjobs failed: ")
+    assert message.format(path=module) in proc.stderr
+
+
 def test_unique_key_and_expiry_from_the_command_line(url: str) -> None:
     args = ["enqueue", "--app", APP, "add", '{"a": 1, "b": 1}', "--unique-key", "k1",
             "--unique-for", "30", "--expires", "60"]  # fmt: skip
