@@ -1,5 +1,6 @@
 """The Python API a user relies on: enqueue checks, handles, results, retries, hooks, contexts.
-Runs on the memory:// and sqlite:// brokers with an in-process worker (run_worker(burst=True))."""
+Runs on the memory://, sqlite:// and redis:// brokers with an in-process worker
+(run_worker(burst=True))."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ import pytest
 
 import backroom
 from backroom.envelope import Envelope, new_id
+from tests.conftest import BACKENDS
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=BACKENDS)
 def app(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[backroom.App]:
-    url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'app.db'}"
+    url = {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path / 'app.db'}"}.get(request.param)
+    url = url or request.getfixturevalue("redis_server")
     application = backroom.App(url, source="api", config={"region": "eu"})
+    application.broker.purge()  # the session's redis is shared by this process's tests
     seen: dict[str, Any] = {}
 
     @application.job(tags=("math",))
