@@ -115,7 +115,7 @@ def _refused_at_enqueue(app: App) -> list[str]:
     attempts: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
         ("process_log", {"server": "edge-1", "day": "2026-11-21"}, {}),
         ("send_invoices", {"month": "2026-10"}, {"source": "api"}),
-        ("process_logs", {"server": "edge-1", "day": 7}, {}),
+        ("process_logs", {"server": "edge-1", "day": "2026-11-31"}, {}),
     ]
     messages = []
     console.print("\n[bold]refused at enqueue[/] (the caller gets the error at once):")
