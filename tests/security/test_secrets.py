@@ -114,17 +114,20 @@ def test_a_rejection_reason_that_quotes_a_secret_is_masked(url: str, secret: str
 
 def test_error_hooks_receive_the_envelope_with_its_secrets_redacted(url: str) -> None:
     app = build_app(url)
-    seen: list[tuple[str, dict[str, Any]]] = []
-    app.on_failure(lambda envelope, error: seen.append(("failure", envelope.payload)))
-    app.on_dead(lambda envelope, error: seen.append(("dead", envelope.payload)))
-    app.on_reject(lambda envelope, error: seen.append(("reject", envelope.payload)))
+    seen: list[tuple[str, str, dict[str, Any]]] = []
+    app.on_failure(lambda envelope, error: seen.append(("failure", envelope.job, envelope.payload)))
+    app.on_dead(lambda envelope, error: seen.append(("dead", envelope.job, envelope.payload)))
+    app.on_reject(lambda envelope, error: seen.append(("reject", envelope.job, envelope.payload)))
     app.enqueue("login", {"user": "ada", "password": PASSWORD})  # retries=1: two failures
     app.broker.enqueue([Envelope(id=new_id(), job="store", source="api",
                                  payload={"user": "ada", "api_key": TOKEN})])  # fmt: skip
     app.run_worker(burst=True)
-    assert sorted(kind for kind, _ in seen) == ["dead", "failure", "failure", "reject"]
-    for kind, payload in seen:
-        secret_field = "api_key" if kind == "reject" else "password"
+    assert sorted((kind, job) for kind, job, _ in seen) == [
+        ("dead", "login"), ("failure", "login"), ("failure", "login"), ("failure", "store"),
+        ("reject", "store"),
+    ]  # fmt: skip
+    for kind, job, payload in seen:
+        secret_field = "api_key" if job == "store" else "password"
         assert payload == {"user": "ada", secret_field: REDACTED}, kind
 
 
