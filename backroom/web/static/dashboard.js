@@ -216,6 +216,7 @@
         num(job.counts.running),
         num(job.counts.succeeded),
         num(job.counts.dead),
+        num(job.recoveries),
         num(pct(job.failure_rate)),
         num(seconds(job.run_time.p50)),
         num(seconds(job.run_time.p95)),
@@ -226,7 +227,7 @@
         el("td", null, series ? chart(series.p95, { kind: "line", cls: "line-p95", label: `${job.job} p95 run time`, unit: seconds }) : ""),
       );
     });
-    fill($("overview-table").tBodies[0], rows, "No jobs registered or seen yet.", 14);
+    fill($("overview-table").tBodies[0], rows, "No jobs registered or seen yet.", 15);
 
     if (activity) {
       const size = activity.jobs.length ? activity.jobs[0].succeeded.length : 60;
