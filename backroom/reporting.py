@@ -59,18 +59,53 @@ def job_summary(stats: JobStats) -> dict[str, Any]:
     }
 
 
-def stats_summary(app: App) -> dict[str, Any]:
-    """Per job name (every registered job, and any other name the broker has seen), queue
-    depths, paused queues and schedules with their next run."""
+def stats_summary(app: App, now: float | None = None) -> dict[str, Any]:
+    """Per job name (every registered job, and any other name the broker has seen) with its
+    recent throughput, queue depths, paused queues, schedules with their next run, and the
+    throughput of all jobs together (see `throughput`)."""
+    now = time.time() if now is None else now
     stats = app.broker.stats()
-    names = sorted(set(app.registry.names()) | set(stats.jobs))
-    jobs = [job_summary(stats.jobs.get(name) or JobStats(job=name)) for name in names]
+    recent = throughput(app, now)
+    names = sorted(set(app.registry.names()) | set(stats.jobs) | set(recent["jobs"]))
+    jobs = []
+    for name in names:
+        row = job_summary(stats.jobs.get(name) or JobStats(job=name))
+        row["throughput"] = recent["jobs"].get(name) or {"finished": 0, "per_minute": 0.0}
+        jobs.append(row)
     return {
         "jobs": jobs,
         "queues": dict(stats.queues),
         "paused": sorted(app.broker.paused()),
-        "schedules": schedule_views(app, time.time()),
+        "schedules": schedule_views(app, now),
+        "throughput": recent["all"],
     }
+
+
+THROUGHPUT_MINUTES = 5  # the window of `throughput`: the current minute and the four before
+
+
+def throughput(app: App, now: float | None = None, minutes: int = THROUGHPUT_MINUTES
+               ) -> dict[str, Any]:  # fmt: skip
+    """Jobs finished (succeeded, dead or rejected; not cancelled, and a retried attempt is not a
+    finish) per minute over the broker's timeline, from the start of the minute `minutes - 1`
+    before now's until now: whole minutes plus the current one as far as it has gone, so the
+    rate is live and never counts a minute twice. `jobs` holds the job names that finished
+    any; `all` every job name together, with the window (`since`, `window_s`). One timeline
+    read of `minutes` minutes: no job is looked at."""
+    now = time.time() if now is None else now
+    since = float((minute_of(now) - max(1, minutes) + 1) * TIMELINE_STEP_S)
+    window_s = max(now - since, 1.0)
+    finished: dict[str, int] = {}
+    for point in app.broker.timeline(since, now=now):
+        done = point.succeeded + point.dead + point.rejected
+        finished[point.job] = finished.get(point.job, 0) + done
+    rate = 60.0 / window_s
+    jobs = {job: {"finished": n, "per_minute": round(n * rate, 3)}
+            for job, n in finished.items() if n}  # fmt: skip
+    total = sum(finished.values())
+    everything = {"since": since, "window_s": round(window_s, 3), "finished": total,
+                  "per_minute": round(total * rate, 3)}  # fmt: skip
+    return {"jobs": jobs, "all": everything}
 
 
 def schedule_views(app: App, now: float) -> list[dict[str, Any]]:

@@ -543,7 +543,9 @@
       const { tags, tags_kept, max_tags, other_tags } = stats;
       if (tags && changed("tags", { tags, tags_kept, other_tags })) renderTags({ tags, tags_kept, max_tags, other_tags });
     }
-    const { now: _n, tags: _t, tags_kept: _k, max_tags: _m, other_tags: _o, ...overview } = stats;
+    const { now: _n, tags: _t, tags_kept: _k, max_tags: _m, other_tags: _o, throughput: _tp, ...rest } = stats;
+    // the API's throughput window grows with every poll; this table draws its own per-minute column
+    const overview = { ...rest, jobs: rest.jobs.map(({ throughput: _j, ...job }) => job) };
     ui.stats = stats;
     if (changed("overview", { overview, a: ui.activity && ui.activity.now })) renderOverview(stats, ui.activity);
     updateJobOptions(stats.jobs.map((j) => j.job));
