@@ -18,6 +18,7 @@ from backroom.app import App
 from backroom.brokers.base import JobQuery
 from backroom.envelope import State
 from backroom.errors import BackroomError, ConfigError, JobFailed
+from backroom.reporting import LOG_FORMAT_ENV, LOG_FORMATS, TEXT_LOG_FORMAT, JsonLogFormatter
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -110,6 +111,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         child_args += ["--timeout", str(args.timeout)]
     if args.prefetch is not None:
         child_args += ["--prefetch", str(args.prefetch)]
+    child_args += ["--log-format", args.log_format]  # the children log as the supervisor does
     return Supervisor(child_args, args.processes, burst=args.burst, scheduler=args.scheduler).run()
 
 
@@ -243,7 +245,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     app = load_app(args.app, args.url)
     from backroom.web import serve
 
-    serve(app, host=args.host, port=args.port)
+    # uvicorn's own log set-up writes text; without it, its records reach our handler
+    options: dict[str, Any] = {"log_config": None} if args.log_format == "json" else {}
+    serve(app, host=args.host, port=args.port, **options)
     return 0
 
 
@@ -268,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--app", help="module:attribute of the App (default $BACKROOM_APP)")
         sub.add_argument("--url", help="broker URL (default: the App's, else $BACKROOM_URL)")
         sub.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+        sub.add_argument(
+            "--log-format",
+            choices=LOG_FORMATS,
+            help=f"log lines as text or one JSON object per line (default ${LOG_FORMAT_ENV}, "
+            "else text)",
+        )
         sub.set_defaults(handler=handler)
         return sub
 
@@ -382,14 +392,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if args.command not in ("worker", "scheduler", "dashboard"):
-        logging.getLogger("backroom").setLevel(logging.WARNING)
     try:
+        args.log_format = _log_format(args.log_format)
+        handler = logging.StreamHandler(sys.stderr)
+        if args.log_format == "json":
+            handler.setFormatter(JsonLogFormatter())
+        else:
+            handler.setFormatter(logging.Formatter(TEXT_LOG_FORMAT))
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            handlers=[handler])  # fmt: skip
+        if args.command not in ("worker", "scheduler", "dashboard"):
+            logging.getLogger("backroom").setLevel(logging.WARNING)
         return int(args.handler(args))
     except BackroomError as exc:
         print(f"backroom: {exc}", file=sys.stderr)
@@ -440,6 +453,17 @@ def _port(text: str) -> int:
     value = _positive_int(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    return value
+
+
+def _log_format(flag: str | None) -> str:
+    """--log-format, else $BACKROOM_LOG_FORMAT, else text."""
+    if flag is not None:
+        return flag
+    value = os.environ.get(LOG_FORMAT_ENV, "").strip().lower() or "text"
+    if value not in LOG_FORMATS:
+        raise ConfigError(f"{LOG_FORMAT_ENV} {os.environ[LOG_FORMAT_ENV]!r} is not a log format; "
+                          f"use {' or '.join(LOG_FORMATS)}")  # fmt: skip
     return value
 
 

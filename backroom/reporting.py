@@ -1,12 +1,17 @@
 """Reporting: the summaries every view shares (CLI stats, the demo, the HTTP API, the dashboard):
 per job name, per tag, per minute and per failure type, all built from the broker's counters, so
-they cover every worker on every host, and cost the same with a thousand jobs or a million."""
+they cover every worker on every host, and cost the same with a thousand jobs or a million; and
+the JSON form of the log lines. Nothing here changes a job."""
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from backroom.brokers.base import (
     MAX_FAILURE_GROUPS,
@@ -54,18 +59,53 @@ def job_summary(stats: JobStats) -> dict[str, Any]:
     }
 
 
-def stats_summary(app: App) -> dict[str, Any]:
-    """Per job name (every registered job, and any other name the broker has seen), queue
-    depths, paused queues and schedules with their next run."""
+def stats_summary(app: App, now: float | None = None) -> dict[str, Any]:
+    """Per job name (every registered job, and any other name the broker has seen) with its
+    recent throughput, queue depths, paused queues, schedules with their next run, and the
+    throughput of all jobs together (see `throughput`)."""
+    now = time.time() if now is None else now
     stats = app.broker.stats()
-    names = sorted(set(app.registry.names()) | set(stats.jobs))
-    jobs = [job_summary(stats.jobs.get(name) or JobStats(job=name)) for name in names]
+    recent = throughput(app, now)
+    names = sorted(set(app.registry.names()) | set(stats.jobs) | set(recent["jobs"]))
+    jobs = []
+    for name in names:
+        row = job_summary(stats.jobs.get(name) or JobStats(job=name))
+        row["throughput"] = recent["jobs"].get(name) or {"finished": 0, "per_minute": 0.0}
+        jobs.append(row)
     return {
         "jobs": jobs,
         "queues": dict(stats.queues),
         "paused": sorted(app.broker.paused()),
-        "schedules": schedule_views(app, time.time()),
+        "schedules": schedule_views(app, now),
+        "throughput": recent["all"],
     }
+
+
+THROUGHPUT_MINUTES = 5  # the window of `throughput`: the current minute and the four before
+
+
+def throughput(app: App, now: float | None = None, minutes: int = THROUGHPUT_MINUTES
+               ) -> dict[str, Any]:  # fmt: skip
+    """Jobs finished (succeeded, dead or rejected; not cancelled, and a retried attempt is not a
+    finish) per minute over the broker's timeline, from the start of the minute `minutes - 1`
+    before now's until now: whole minutes plus the current one as far as it has gone, so the
+    rate is live and never counts a minute twice. `jobs` holds the job names that finished
+    any; `all` every job name together, with the window (`since`, `window_s`). One timeline
+    read of `minutes` minutes: no job is looked at."""
+    now = time.time() if now is None else now
+    since = float((minute_of(now) - max(1, minutes) + 1) * TIMELINE_STEP_S)
+    window_s = max(now - since, 1.0)
+    finished: dict[str, int] = {}
+    for point in app.broker.timeline(since, now=now):
+        done = point.succeeded + point.dead + point.rejected
+        finished[point.job] = finished.get(point.job, 0) + done
+    rate = 60.0 / window_s
+    jobs = {job: {"finished": n, "per_minute": round(n * rate, 3)}
+            for job, n in finished.items() if n}  # fmt: skip
+    total = sum(finished.values())
+    everything = {"since": since, "window_s": round(window_s, 3), "finished": total,
+                  "per_minute": round(total * rate, 3)}  # fmt: skip
+    return {"jobs": jobs, "all": everything}
 
 
 def schedule_views(app: App, now: float) -> list[dict[str, Any]]:
@@ -193,3 +233,65 @@ def activity(app: App, now: float | None = None, window_s: float = 3600.0) -> di
         "bucket_s": TIMELINE_STEP_S,
         "jobs": [{"job": name, **series[name]} for name in names],
     }
+
+
+# -- structured logs ---------------------------------------------------------------------------
+
+LOG_FORMATS = ("text", "json")
+LOG_FORMAT_ENV = "BACKROOM_LOG_FORMAT"
+TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# What every LogRecord has: anything else on a record came from `extra=` and becomes a field.
+_RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {
+    "message", "asctime", "taskName",
+}  # fmt: skip
+# The worker's messages about one job open with its id and name ("job %s (%s) is dead after
+# ...", "rejected job %s (%s): ..."): those two arguments become the fields job_id and job.
+_JOB_MESSAGES = ("job %s (%s)", "rejected job %s (%s)")
+_JOB_LOGGER = "backroom.job."  # ctx.logger of a job is backroom.job.<name>
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: `time` (ISO 8601, UTC), `level`, `logger`, `message`, every
+    field a record carries from `extra=`, `job_id` and `job` where the record is about one job,
+    and `exc_info` (the traceback as text) when there is one. A field named like one of the
+    first four is left out rather than overwrite it; a value JSON can't hold is written as its
+    str()."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        extra = {k: v for k, v in record.__dict__.items() if k not in _RECORD_ATTRIBUTES}
+        for key, value in {**job_fields(record), **extra}.items():
+            entry.setdefault(key, value)
+        if record.exc_info:
+            entry["exc_info"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exc_info"] = record.exc_text
+        if record.stack_info:
+            entry["stack_info"] = self.formatStack(record.stack_info)
+        try:
+            return msgspec.json.encode(entry, enc_hook=str).decode()
+        except (TypeError, ValueError, OverflowError):  # e.g. a dict keyed by tuples
+            return msgspec.json.encode({k: _plain(v) for k, v in entry.items()}).decode()
+
+
+def job_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """`job_id` and `job` of a backroom record about one job, as far as the record tells."""
+    if record.name != "backroom" and not record.name.startswith("backroom."):
+        return {}
+    args = record.args
+    if (isinstance(record.msg, str) and record.msg.startswith(_JOB_MESSAGES)
+            and isinstance(args, tuple) and len(args) >= 2):  # fmt: skip
+        return {"job_id": str(args[0]), "job": str(args[1])}
+    if record.name.startswith(_JOB_LOGGER):
+        return {"job": record.name[len(_JOB_LOGGER) :]}
+    return {}
+
+
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, str | int | float | bool | None) else str(value)

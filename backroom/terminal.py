@@ -31,10 +31,11 @@ def when(value: float | None) -> str:
 
 
 def stats_table(summary: dict[str, Any], title: str = "jobs by name") -> Table:
+    """Per job name; "recovered" counts the jobs requeued (or ended) after their lease ran out."""
     table = Table(title=title, title_justify="left")
     table.add_column("job", no_wrap=True)
     table.add_column("jobs by state")
-    for header in ("p50 run", "p95 run", "max run", "p95 wait", "retries"):
+    for header in ("p50 run", "p95 run", "max run", "p95 wait", "retries", "recovered"):
         table.add_column(header, justify="right", no_wrap=True)
     table.add_column("rejections by reason")
     for row in summary["jobs"]:
@@ -43,7 +44,7 @@ def stats_table(summary: dict[str, Any], title: str = "jobs by name") -> Table:
         run, wait = row["run_time"], row["wait_time"]
         table.add_row(
             row["job"], states, seconds(run["p50"]), seconds(run["p95"]), seconds(run["max"]),
-            seconds(wait["p95"]), str(row["retries"]), reasons or "-",
+            seconds(wait["p95"]), str(row["retries"]), str(row["recoveries"]), reasons or "-",
         )  # fmt: skip
     return table
 

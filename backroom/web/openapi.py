@@ -205,9 +205,10 @@ def openapi(job_names: list[str]) -> dict[str, Any]:
         },
         "/api/stats": {
             "get": _op(
-                "Per job name: counts by state, p50/p95/max run and wait time, failure rate; "
-                "per tag: outcomes, retries, run and wait time, running now, failure rate; "
-                "queues, paused, schedules",
+                "Per job name: counts by state, p50/p95/max run and wait time, retries, lease "
+                "recoveries, rejections, failure rate, throughput (jobs finished per minute over "
+                "the last 5 minutes); throughput of all jobs; per tag: outcomes, retries, run and "
+                "wait time, running now, failure rate; queues, paused, schedules",
                 parameters=[_query("tags", "0 leaves the per-tag part out", {"enum": ["0", "1"]})],
             )
         },

@@ -7,18 +7,32 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
+from contextlib import closing
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from backroom.brokers import connect
+from tests.helpers import envelope_for, free_port, wait_until
+
 APP = "tests.apps.ledger:app"
+NOISY = "tests.apps.noisy:app"
+LOG_FORMAT_ENV = "BACKROOM_LOG_FORMAT"  # the documented name, spelled out
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(
-    *args: str, url: str | None = None, ok: bool = True, timeout: float = 60
+    *args: str,
+    url: str | None = None,
+    ok: bool = True,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    inherited = {k: v for k, v in os.environ.items() if k != LOG_FORMAT_ENV}  # tests set it
+    env = {**inherited, "PYTHONPATH": str(ROOT), **(env or {})}
     if url:
         env["BACKROOM_URL"] = url
     proc = subprocess.run([sys.executable, "-m", "backroom", *args], capture_output=True,
@@ -180,6 +194,7 @@ def test_result_of_a_dead_job_names_its_error(url: str) -> None:
         (["worker", "--app", APP, "--prefetch", "-1"], "'-1' must be 0 or more"),
         (["worker", "--app", APP, "--prefetch", "many"], "'many' is not a whole number"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["worker", "--app", APP, "--log-format", "xml"], "invalid choice: 'xml'"),
     ],
 )
 def test_bad_input_gets_one_clear_line_and_a_non_zero_exit(
@@ -226,3 +241,91 @@ def test_result_timeout_is_reported_not_raised(url: str) -> None:
     job_id = run("enqueue", "--app", APP, "add", '{"a": 1, "b": 1}', url=url).stdout.strip()
     proc = run("result", "--app", APP, job_id, "--timeout", "0.2", url=url, ok=False)
     assert "has no result after 0.2 s (it is queued)" in proc.stderr
+
+
+# -- logs -----------------------------------------------------------------------------------------
+
+
+def json_lines(stderr: str) -> list[dict[str, Any]]:
+    """Every stderr line parsed as one JSON object with time (UTC), level, logger, message."""
+    entries = []
+    for line in stderr.splitlines():
+        entry = json.loads(line)  # fails on any line that is not JSON
+        assert {"time", "level", "logger", "message"} <= set(entry), line
+        assert datetime.fromisoformat(entry["time"]).utcoffset() == timedelta(0), line
+        entries.append(entry)
+    return entries
+
+
+@pytest.mark.parametrize("how", ["--log-format", LOG_FORMAT_ENV])
+def test_a_worker_logs_one_json_object_per_line_with_the_jobs_fields(url: str, how: str) -> None:
+    run("enqueue", "--app", NOISY, "parse", '{"lines": 7}', url=url)
+    doomed = run("enqueue", "--app", NOISY, "always_fails", '{"message": "disk full"}',
+                 url=url).stdout.strip()  # fmt: skip
+    with closing(connect(url)) as broker:  # another program enqueues a job nobody registered
+        [stray] = broker.enqueue([envelope_for("no_such_job")])
+    worker = ["worker", "--app", NOISY, "--burst"]  # a supervisor and its child: both log
+    if how == "--log-format":
+        proc = run(*worker, "--log-format", "json", url=url)
+    else:
+        proc = run(*worker, url=url, env={LOG_FORMAT_ENV: "json"})
+    entries = json_lines(proc.stderr)
+
+    def only(**fields: Any) -> dict[str, Any]:
+        found = [e for e in entries if all(e.get(k) == v for k, v in fields.items())]
+        assert len(found) == 1, (fields, proc.stderr)
+        return found[0]
+
+    assert {e["logger"] for e in entries} >= {"backroom.supervisor", "backroom.worker"}
+    retried = only(job_id=doomed, level="WARNING")
+    assert retried["job"] == "always_fails" and "failed attempt 1" in retried["message"]
+    dead = only(job_id=doomed, level="ERROR")
+    assert dead["job"] == "always_fails" and "dead after 2 attempts" in dead["message"]
+    assert only(job_id=stray, level="WARNING")["job"] == "no_such_job"  # rejected
+    logged = only(message="parsed 7 lines")  # the job's own line, with its own field
+    assert (logged["job"], logged["lines"], logged["logger"]) == ("parse", 7, "backroom.job.parse")
+    [hook] = [e for e in entries if "exc_info" in e]  # the on_dead hook raised
+    assert (hook["level"], hook["logger"]) == ("ERROR", "backroom.worker")
+    assert "error hook" in hook["message"] and "exc_info" not in retried
+    assert hook["exc_info"].startswith("Traceback (most recent call last):")
+    assert hook["exc_info"].endswith("LookupError: the error tracker is down")
+
+
+def test_text_stays_the_default_log_format(url: str) -> None:
+    run("enqueue", "--app", NOISY, "parse", '{"lines": 7}', url=url)
+    proc = run("worker", "--app", NOISY, "--burst", "--in-process", url=url)
+    assert " INFO backroom.job.parse: parsed 7 lines" in proc.stderr
+    assert not any(line.startswith("{") for line in proc.stderr.splitlines())
+
+
+def test_a_bad_log_format_in_the_environment_is_one_clear_line(url: str) -> None:
+    proc = run("stats", "--app", APP, url=url, ok=False, env={LOG_FORMAT_ENV: "xml"})
+    assert "BACKROOM_LOG_FORMAT 'xml' is not a log format; use text or json" in proc.stderr
+
+
+def test_the_dashboard_logs_json_uvicorns_lines_included(url: str) -> None:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BACKROOM_URL": url}
+    command = [sys.executable, "-m", "backroom", "dashboard", "--app", APP, "--port", str(port),
+               "--log-format", "json"]  # fmt: skip
+    with subprocess.Popen(command, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            wait_until(lambda: proc.poll() is not None or healthy(port), deadline_s=20,
+                       what="the dashboard to answer")  # fmt: skip
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        finally:
+            proc.terminate()
+        _, stderr = proc.communicate(timeout=20)
+    entries = json_lines(stderr)
+    loggers = {e["logger"] for e in entries}
+    assert {"backroom.web", "uvicorn.error", "uvicorn.access"} <= loggers, stderr
+    access = next(e for e in entries if e["logger"] == "uvicorn.access")
+    assert "GET /healthz" in access["message"]
+
+
+def healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False

@@ -470,6 +470,30 @@ def test_stats_match_what_the_jobs_really_did(app: backroom.App, client: TestCli
     assert "tags" not in client.get("/api/stats", params={"tags": "0"}).json()
 
 
+def test_stats_give_jobs_finished_per_minute_over_the_last_minutes(
+    app: backroom.App, client: TestClient
+) -> None:
+    long_ago = time.time() - 900  # a success 15 minutes ago is past the window
+    app.enqueue("process_logs", logs(0), now=long_ago)
+    [old] = app.broker.claim(["default"], worker_id="w", lease_s=60, limit=1, now=long_ago)
+    app.broker.ack([(old, None)], now=long_ago + 1)
+    for n in range(1, 4):
+        enqueue(client, "process_logs", logs(n))
+    enqueue(client, "always_fails", {"message": "boom"})
+    app.run_worker(burst=True)
+    stats = client.get("/api/stats").json()
+    window = stats["throughput"]
+    assert 240 <= window["window_s"] <= 300 and window["since"] % 60 == 0
+    assert window["since"] + window["window_s"] == pytest.approx(stats["now"], abs=1)
+    per_minute = pytest.approx(4 * 60 / window["window_s"], abs=1e-3)
+    assert (window["finished"], window["per_minute"]) == (4, per_minute)
+    by_name = {row["job"]: row["throughput"] for row in stats["jobs"]}
+    per_minute = pytest.approx(3 * 60 / window["window_s"], abs=1e-3)
+    assert by_name["process_logs"] == {"finished": 3, "per_minute": per_minute}
+    assert by_name["always_fails"]["finished"] == 1  # a dead job finished too
+    assert by_name["send_email"] == {"finished": 0, "per_minute": 0.0}
+
+
 def test_activity_counts_successes_and_failures_in_the_current_minute(
     app: backroom.App, client: TestClient
 ) -> None:

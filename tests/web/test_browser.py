@@ -118,11 +118,17 @@ def test_the_dashboard_shows_every_job_by_name_and_tag(app: backroom.App, page: 
     app.enqueue("always_fails", {"message": "disk full"})
     drain(app)
     app.enqueue("process_logs", {"server": "edge-9", "day": "2026-11-21"})
+    [lost] = app.broker.claim(["default"], worker_id="gone", lease_s=5, limit=1)
+    app.broker.sweep_expired(now=lost.lease_until + 1)  # its worker vanished: queued again
     with LiveServer(app) as server:
         page.goto(server.url)
         overview = page.locator("#overview-table")
         for name in ("process_logs", "send_email", "always_fails", "upload", "send_invoices"):
             expect(overview).to_contain_text(name)
+        headers = overview.locator("thead th").all_inner_texts()
+        for name, recovered in (("process_logs", "1"), ("send_email", "0")):
+            cells = overview.locator("tbody tr", has_text=name).locator("td")
+            expect(cells.nth(headers.index("recovered"))).to_have_text(recovered)
         expect(page.locator("#tags-table")).to_contain_text("edge-7")
         expect(page.locator("#tags-table")).to_contain_text("email")
         expect(page.locator("#jobs-table tbody tr")).to_have_count(6)

@@ -1,12 +1,13 @@
 """The views built from the broker's own numbers: per tag (tag_report), failure groups with the
-latest traceback, and the last-hour activity per job name and minute. Time moves through
-`now=`; every number is exact, however many jobs there are."""
+latest traceback, the last-hour activity per job name and minute, and the recent throughput.
+Time moves through `now=`; every number is exact, however many jobs there are."""
 
 from __future__ import annotations
 
 import backroom
-from backroom.brokers.base import MAX_TAGS, Claim, Failure
-from backroom.reporting import activity, failure_groups, tag_report
+from backroom.brokers.base import MAX_TAGS, Claim, Failure, JobQuery
+from backroom.reporting import activity, failure_groups, tag_report, throughput
+from tests.helpers import envelope_for
 
 NOW = 1_800_000_000.0  # a minute boundary (30,000,000 minutes)
 
@@ -101,3 +102,35 @@ def test_activity_counts_per_minute_with_p95(app: backroom.App) -> None:
     assert series["p95"][-1] == 5.0  # runs of 2, 2 and 5 s (the failed attempt ran too)
     assert series["p95"][-2] is None
     assert [s["job"] for s in data["jobs"]][:5] == list(app.registry.names())
+
+
+def test_throughput_counts_jobs_finished_per_minute_over_the_last_five_minutes(
+    app: backroom.App,
+) -> None:
+    for n in range(5):
+        app.enqueue("process_logs", {"server": f"edge-{n}", "day": "d"}, now=NOW - 600)
+    logs = app.broker.claim(["default"], worker_id="w", lease_s=900, limit=5, now=NOW - 600)
+    finish(app, logs[:1], at=NOW - 242, run_s=1)  # NOW - 241: the minute before the window
+    finish(app, logs[1:2], at=NOW - 241, run_s=1)  # NOW - 240: the window's first second
+    finish(app, logs[2:4], at=NOW + 20, run_s=1)  # the current minute
+    app.broker.nack(logs[4], Failure("OSError", "x", ""), retry_at=NOW + 60, now=NOW + 5)
+    app.enqueue("always_fails", {"message": "boom"}, now=NOW)
+    app.enqueue("send_email", {"to": "a@example.com"}, now=NOW)
+    app.broker.enqueue([envelope_for("no_such_job")], now=NOW)
+    claims = app.broker.claim(["default"], worker_id="w", lease_s=60, limit=2, now=NOW)
+    dead = next(c for c in claims if c.envelope.job == "always_fails")
+    stray = next(c for c in claims if c.envelope.job == "no_such_job")
+    app.broker.nack(dead, Failure("ValueError", "boom", ""), retry_at=None, now=NOW + 10)
+    app.broker.reject(stray, "unknown job: 'no_such_job'", now=NOW + 11)
+    app.broker.cancel(app.broker.jobs(JobQuery(job="send_email"))[0].id, now=NOW + 12)
+
+    data = throughput(app, now=NOW + 30)  # a window of 4 whole minutes and 30 s
+    assert data["all"] == {"since": NOW - 240, "window_s": 270.0, "finished": 5,
+                           "per_minute": round(5 * 60 / 270, 3)}  # fmt: skip
+    assert data["jobs"] == {
+        "process_logs": {"finished": 3, "per_minute": round(3 * 60 / 270, 3)},  # not the retry
+        "always_fails": {"finished": 1, "per_minute": round(60 / 270, 3)},  # dead is finished
+        "no_such_job": {"finished": 1, "per_minute": round(60 / 270, 3)},  # so is rejected
+    }  # send_email was cancelled: not a finish
+    later = throughput(app, now=NOW + 60 * 10)
+    assert later["all"]["finished"] == 0 and later["jobs"] == {}

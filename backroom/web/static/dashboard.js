@@ -216,6 +216,7 @@
         num(job.counts.running),
         num(job.counts.succeeded),
         num(job.counts.dead),
+        num(job.recoveries),
         num(pct(job.failure_rate)),
         num(seconds(job.run_time.p50)),
         num(seconds(job.run_time.p95)),
@@ -226,7 +227,7 @@
         el("td", null, series ? chart(series.p95, { kind: "line", cls: "line-p95", label: `${job.job} p95 run time`, unit: seconds }) : ""),
       );
     });
-    fill($("overview-table").tBodies[0], rows, "No jobs registered or seen yet.", 14);
+    fill($("overview-table").tBodies[0], rows, "No jobs registered or seen yet.", 15);
 
     if (activity) {
       const size = activity.jobs.length ? activity.jobs[0].succeeded.length : 60;
@@ -542,7 +543,9 @@
       const { tags, tags_kept, max_tags, other_tags } = stats;
       if (tags && changed("tags", { tags, tags_kept, other_tags })) renderTags({ tags, tags_kept, max_tags, other_tags });
     }
-    const { now: _n, tags: _t, tags_kept: _k, max_tags: _m, other_tags: _o, ...overview } = stats;
+    const { now: _n, tags: _t, tags_kept: _k, max_tags: _m, other_tags: _o, throughput: _tp, ...rest } = stats;
+    // the API's throughput window grows with every poll; this table draws its own per-minute column
+    const overview = { ...rest, jobs: rest.jobs.map(({ throughput: _j, ...job }) => job) };
     ui.stats = stats;
     if (changed("overview", { overview, a: ui.activity && ui.activity.now })) renderOverview(stats, ui.activity);
     updateJobOptions(stats.jobs.map((j) => j.job));
