@@ -30,6 +30,13 @@ from backroom.security import BadSignature
 logger = logging.getLogger("backroom.worker")
 
 
+def log_fields(envelope: Envelope, **more: Any) -> dict[str, Any]:
+    """The fields a log line about one job carries (`extra=`), for structured logs: its id,
+    name, source and tags, never its payload."""
+    return {"job_id": envelope.id, "job": envelope.job, "source": envelope.source,
+            "tags": list(envelope.tags), **more}  # fmt: skip
+
+
 class Rejected(Exception):
     """An envelope failed a worker-side check: `reason` reads "category: detail"."""
 
@@ -86,15 +93,17 @@ class Recorder:
             retry_at = time.time() + self.backoff_s(envelope.job, attempt)
         if not self.broker.nack(claim, failure, retry_at):
             logger.warning("job %s (%s) lost its lease; its failure was not recorded",
-                           claim.id, envelope.job)  # fmt: skip
+                           claim.id, envelope.job, extra=log_fields(envelope))  # fmt: skip
             return
         if retry_at is None:
             logger.error("job %s (%s) is dead after %d attempts: %s: %s", claim.id, envelope.job,
-                         attempt, failure.type, failure.message)  # fmt: skip
+                         attempt, failure.type, failure.message,
+                         extra=log_fields(envelope, attempt=attempt))  # fmt: skip
         else:
             logger.warning("job %s (%s) failed attempt %d (%s: %s); retrying in %.1f s", claim.id,
                            envelope.job, attempt, failure.type, failure.message,
-                           retry_at - time.time())  # fmt: skip
+                           retry_at - time.time(),
+                           extra=log_fields(envelope, attempt=attempt))  # fmt: skip
         self.notify(self.app.failure_hooks, envelope, exc)
         if retry_at is None:
             self.notify(self.app.dead_hooks, envelope, exc)
@@ -147,7 +156,8 @@ class Recorder:
             follow = self.app.envelope(then, payload, **options)
         except BackroomError as exc:
             logger.warning("follow-up %s of job %s (%s) fails its checks (%s); a worker will "
-                           "reject it", then, envelope.id, envelope.job, exc)  # fmt: skip
+                           "reject it", then, envelope.id, envelope.job, exc,
+                           extra=log_fields(envelope))  # fmt: skip
             follow = Envelope(
                 id=new_id(), job=then, payload=payload, created_at=time.time(),
                 queue=spec.queue if spec else envelope.queue, **options,

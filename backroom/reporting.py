@@ -245,16 +245,13 @@ TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {
     "message", "asctime", "taskName",
 }  # fmt: skip
-# The worker's messages about one job open with its id and name ("job %s (%s) is dead after
-# ...", "rejected job %s (%s): ..."): those two arguments become the fields job_id and job.
-_JOB_MESSAGES = ("job %s (%s)", "rejected job %s (%s)")
 _JOB_LOGGER = "backroom.job."  # ctx.logger of a job is backroom.job.<name>
 
 
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: `time` (ISO 8601, UTC), `level`, `logger`, `message`, every
-    field a record carries from `extra=`, `job_id` and `job` where the record is about one job,
-    and `exc_info` (the traceback as text) when there is one. A field named like one of the
+    field a record carries from `extra=` (the worker's lines about a job carry `job_id`, `job`,
+    `source` and `tags`), `job` on a job's own `ctx.logger` lines, and `exc_info` (the traceback as text) when there is one. A field named like one of the
     first four is left out rather than overwrite it; a value JSON can't hold is written as its
     str()."""
 
@@ -281,13 +278,8 @@ class JsonLogFormatter(logging.Formatter):
 
 
 def job_fields(record: logging.LogRecord) -> dict[str, Any]:
-    """`job_id` and `job` of a backroom record about one job, as far as the record tells."""
-    if record.name != "backroom" and not record.name.startswith("backroom."):
-        return {}
-    args = record.args
-    if (isinstance(record.msg, str) and record.msg.startswith(_JOB_MESSAGES)
-            and isinstance(args, tuple) and len(args) >= 2):  # fmt: skip
-        return {"job_id": str(args[0]), "job": str(args[1])}
+    """`job` of a line a job logged through `ctx.logger` (lines the worker writes about a job
+    carry `job_id`, `job`, `source` and `tags` as fields of their own)."""
     if record.name.startswith(_JOB_LOGGER):
         return {"job": record.name[len(_JOB_LOGGER) :]}
     return {}

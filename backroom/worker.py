@@ -31,7 +31,7 @@ from backroom.brokers.base import Claim, WorkerInfo
 from backroom.envelope import JSON, Envelope, encode_json
 from backroom.errors import BackroomError, BadEnvelope, JobTimeout, WorkerCrashed
 from backroom.jobs import JobSpec
-from backroom.recording import Recorder, Rejected
+from backroom.recording import Recorder, Rejected, log_fields
 from backroom.supervisor import (
     BEAT_S,
     EXIT_RECYCLE,
@@ -416,7 +416,8 @@ class Worker:
         # a secret sent in the wrong type would otherwise be quoted in the reason
         reason = self.app.redactor.scrub(rejected.reason, envelope.payload) or ""
         await self._persist(self.broker.reject, claim, reason)
-        logger.warning("rejected job %s (%s): %s", claim.id, envelope.job, reason)
+        logger.warning("rejected job %s (%s): %s", claim.id, envelope.job, reason,
+                       extra=log_fields(envelope))  # fmt: skip
         self._recorder.notify(self.app.reject_hooks, envelope, rejected.error)
         self._recorder.notify(self.app.failure_hooks, envelope, rejected.error)
         self._count_done()
@@ -653,7 +654,8 @@ class Worker:
         self._abandoned += 1
         logger.error("job %s (%s) %s and could not be stopped; it is abandoned%s", entry.claim.id,
                      entry.claim.envelope.job, why,
-                     " and this process will be replaced" if self.child else "")  # fmt: skip
+                     " and this process will be replaced" if self.child else "",
+                     extra=log_fields(entry.claim.envelope))  # fmt: skip
         if self.child:
             self._recycle = True
             self._begin_stop()
@@ -671,7 +673,8 @@ class Worker:
                 if not ok:
                     logger.warning("job %s (%s) finished after losing its lease; another worker "
                                    "owns it now, this result was not recorded",
-                                   claim.id, claim.envelope.job)  # fmt: skip
+                                   claim.id, claim.envelope.job,
+                                   extra=log_fields(claim.envelope))  # fmt: skip
             if self._channel is not None:
                 self._done.extend(claim.id for claim, _, _ in outcomes)
         if self._done:
@@ -718,7 +721,8 @@ class Worker:
                     for claim in claims:
                         if claim.id not in kept and claim.id in self._running:
                             logger.warning("job %s (%s) lost its lease", claim.id,
-                                           claim.envelope.job)  # fmt: skip
+                                           claim.envelope.job,
+                                           extra=log_fields(claim.envelope))  # fmt: skip
                 # registration shows the current jobs: renewed when they change (at most once a
                 # second), and every third of its time to live
                 current = set(self._running)
@@ -743,7 +747,8 @@ class Worker:
             self._forget(entry)
             self._spawn(self._finish_cancelled(entry), job_id)
             return
-        logger.info("job %s (%s) was asked to cancel", job_id, entry.claim.envelope.job)
+        logger.info("job %s (%s) was asked to cancel", job_id, entry.claim.envelope.job,
+                    extra=log_fields(entry.claim.envelope))  # fmt: skip
         if isinstance(entry.job, asyncio.Task):
             entry.job.cancel()  # an async job gets task cancellation; a sync one sees the flag
         entry.cancel_deadline = time.monotonic() + self.cancel_grace

@@ -261,7 +261,7 @@ def json_lines(stderr: str) -> list[dict[str, Any]]:
 def test_a_worker_logs_one_json_object_per_line_with_the_jobs_fields(url: str, how: str) -> None:
     run("enqueue", "--app", NOISY, "parse", '{"lines": 7}', url=url)
     doomed = run("enqueue", "--app", NOISY, "always_fails", '{"message": "disk full"}',
-                 url=url).stdout.strip()  # fmt: skip
+                 "--tag", "nightly", url=url).stdout.strip()  # fmt: skip
     with closing(connect(url)) as broker:  # another program enqueues a job nobody registered
         [stray] = broker.enqueue([envelope_for("no_such_job")])
     worker = ["worker", "--app", NOISY, "--burst"]  # a supervisor and its child: both log
@@ -281,6 +281,8 @@ def test_a_worker_logs_one_json_object_per_line_with_the_jobs_fields(url: str, h
     assert retried["job"] == "always_fails" and "failed attempt 1" in retried["message"]
     dead = only(job_id=doomed, level="ERROR")
     assert dead["job"] == "always_fails" and "dead after 2 attempts" in dead["message"]
+    assert (dead["tags"], dead["attempt"], retried["attempt"]) == (["nightly"], 2, 1)
+    assert "payload" not in dead and dead["source"]  # who sent it, never what it carried
     assert only(job_id=stray, level="WARNING")["job"] == "no_such_job"  # rejected
     logged = only(message="parsed 7 lines")  # the job's own line, with its own field
     assert (logged["job"], logged["lines"], logged["logger"]) == ("parse", 7, "backroom.job.parse")
