@@ -15,7 +15,13 @@ class ConfigError(BackroomError):
     """Bad configuration: a broker URL, an --app path, an option out of range."""
 
 
-class UnknownJob(BackroomError):
+class CheckFailed(BackroomError):
+    """An envelope failed a check: raised at enqueue, or the reason a worker rejected a job.
+    UnknownJob, SourceNotAllowed, InvalidPayload, PayloadTooLarge, BadEnvelope and
+    BadSignature derive from it, so a hook can tell a rejection from a failed run."""
+
+
+class UnknownJob(CheckFailed):
     def __init__(self, job: str, known: Iterable[str]) -> None:
         self.job, self.known = job, sorted(known)
         if not isinstance(job, str):  # the job's function, say, instead of its name
@@ -29,7 +35,7 @@ class UnknownJob(BackroomError):
         super().__init__(f"unknown job {job!r}; this app registers: {listed}{hint}")
 
 
-class SourceNotAllowed(BackroomError):
+class SourceNotAllowed(CheckFailed):
     def __init__(self, job: str, source: str, allowed: Iterable[str]) -> None:
         self.job, self.source, self.allowed = job, source, sorted(allowed)
         allowed_text = ", ".join(self.allowed)
@@ -38,7 +44,7 @@ class SourceNotAllowed(BackroomError):
         )
 
 
-class InvalidPayload(BackroomError):
+class InvalidPayload(CheckFailed):
     """The payload does not fit the job's type hints. `field` names the first offending field
     (dotted for nested ones), or is None when the payload as a whole is wrong."""
 
@@ -48,7 +54,7 @@ class InvalidPayload(BackroomError):
         super().__init__(f"invalid payload for {job!r}: {where}{problem}")
 
 
-class PayloadTooLarge(BackroomError):
+class PayloadTooLarge(CheckFailed):
     def __init__(self, job: str, size: int, limit: int) -> None:
         self.job, self.size, self.limit = job, size, limit
         super().__init__(
@@ -57,7 +63,7 @@ class PayloadTooLarge(BackroomError):
         )
 
 
-class BadEnvelope(BackroomError):
+class BadEnvelope(CheckFailed):
     """Bytes in the broker that are not a valid envelope (truncated, not JSON, wrong fields)."""
 
     def __init__(self, problem: str) -> None:
@@ -97,6 +103,11 @@ class ResultTimeout(BackroomError, TimeoutError):
 
 class JobTimeout(BackroomError, TimeoutError):
     """A job ran past its timeout; `except TimeoutError` still catches it."""
+
+
+class LeaseExpired(BackroomError):
+    """The worker running a job stopped renewing its lease (killed, frozen, cut off): the job
+    went back to its queue, or ended dead when that attempt was its last."""
 
 
 class WorkerCrashed(BackroomError):

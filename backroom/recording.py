@@ -19,6 +19,7 @@ from backroom.errors import (
     BackroomError,
     InvalidPayload,
     JobTimeout,
+    LeaseExpired,
     PayloadTooLarge,
     SourceNotAllowed,
     UnknownJob,
@@ -133,6 +134,24 @@ class Recorder:
                 self.record_failure(claim, error)
         if released:
             self.broker.release(released)
+
+    def lost_leases(self, job_ids: Sequence[str]) -> None:
+        """Hooks for the jobs a sweep took back from a worker that stopped renewing their
+        leases: on_failure for each, on_dead as well for those whose last attempt it was. Runs
+        on the broker thread, only when a sweep recovered something."""
+        if not (self.app.failure_hooks or self.app.dead_hooks):
+            return
+        for record in self.broker.get_many(job_ids):
+            if record is None or record.state == State.CANCELLED:
+                continue
+            error = LeaseExpired(
+                f"the worker running attempt {record.attempts} of job {record.id} stopped "
+                "renewing its lease (killed, frozen or cut off)"
+            )
+            envelope = record.envelope.with_attempt(record.attempts)  # the attempt it lost
+            self.notify(self.app.failure_hooks, envelope, error)
+            if record.state == State.DEAD:
+                self.notify(self.app.dead_hooks, envelope, error)
 
     def enqueue_then(self, envelope: Envelope, result: JSON) -> None:
         """The follow-up job, enqueued before the ack with a key tied to this job, so a crash in

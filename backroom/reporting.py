@@ -251,9 +251,9 @@ _JOB_LOGGER = "backroom.job."  # ctx.logger of a job is backroom.job.<name>
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: `time` (ISO 8601, UTC), `level`, `logger`, `message`, every
     field a record carries from `extra=` (the worker's lines about a job carry `job_id`, `job`,
-    `source` and `tags`), `job` on a job's own `ctx.logger` lines, and `exc_info` (the traceback as text) when there is one. A field named like one of the
-    first four is left out rather than overwrite it; a value JSON can't hold is written as its
-    str()."""
+    `source` and `tags`), `job` on a job's own `ctx.logger` lines, and `exc_info` (the
+    traceback as text) when there is one. A field named like one of the first four is left
+    out rather than overwrite it; a value JSON can't hold is written as its str()."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from backroom.envelope import JSON, MAX_NESTING, Envelope
-from backroom.errors import BackroomError, ConfigError
+from backroom.errors import CheckFailed, ConfigError
 
 KEYS_ENV = "BACKROOM_KEYS"
 KEYS_FILE_ENV = "BACKROOM_KEYS_FILE"
@@ -27,7 +27,7 @@ KeyValue = str | bytes
 KeySpec = Mapping[str, KeyValue | Sequence[KeyValue]]
 
 
-class BadSignature(BackroomError):
+class BadSignature(CheckFailed):
     """An envelope whose signature does not prove its source: unsigned, signed with a key its
     source does not hold, or claiming a source no key is configured for."""
 

@@ -788,6 +788,7 @@ class Worker:
                 if recovered:
                     logger.warning("recovered %d job(s) whose worker stopped renewing its lease",
                                    len(recovered))  # fmt: skip
+                    await self._call(self._recorder.lost_leases, recovered)
                 if ticker is not None:
                     moved += await self._call(ticker.tick)
                 if (moved or recovered) and self._changed is not None:

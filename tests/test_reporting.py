@@ -40,13 +40,11 @@ def test_a_value_json_cannot_hold_is_written_as_text() -> None:
     assert entry["size"] == 2**70 and entry["keyed"] == {"(1, 2)": "pair"}
 
 
-def test_job_id_and_name_come_from_backroom_job_lines_only() -> None:
-    entry = line("backroom.worker", "job %s (%s) lost its lease", "j1", "resize")
-    assert (entry["job_id"], entry["job"]) == ("j1", "resize")
-    own = line("backroom.worker", "job %s (%s) x", "j1", "resize", job_id="mine", job="given")
-    assert (own["job_id"], own["job"]) == ("mine", "given")  # what the record carries wins
+def test_a_jobs_own_lines_name_the_job_and_fields_a_record_carries_win() -> None:
     assert line("backroom.job.resize", "frame %d", 3)["job"] == "resize"
-    assert "job_id" not in line("myapp.billing", "job %s (%s) done", "j1", "resize")
+    own = line("backroom.job.resize", "frame", job="given", job_id="j1")
+    assert (own["job_id"], own["job"]) == ("j1", "given")  # what the record carries wins
+    assert "job_id" not in line("backroom.worker", "job %s (%s) x", "j1", "resize")  # no guessing
 
 
 # -- the README's Sentry recipe, run against a stand-in for sentry_sdk ---------------------------

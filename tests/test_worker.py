@@ -420,6 +420,24 @@ def test_max_memory_recycles_once_the_limit_is_passed(app: backroom.App) -> None
 # -- what a replacement child settles ---------------------------------------------------------
 
 
+def test_jobs_taken_back_from_a_vanished_worker_reach_the_failure_and_dead_hooks(
+    app: backroom.App,
+) -> None:
+    # "remember" has retries=0 (its lost attempt was its last: dead); "patient" goes back
+    last, again = app.enqueue("remember", {"n": 1}), app.enqueue("patient", {"n": 2})
+    claimed = app.broker.claim(["default"], "vanished", lease_s=0.3, limit=2)
+    assert len(claimed) == 2  # the worker holding them is gone: nobody renews their leases
+    heard: list[tuple[str, str, str]] = []
+    app.on_failure(lambda env, exc: heard.append(("failure", env.job, type(exc).__name__)))
+    app.on_dead(lambda env, exc: heard.append(("dead", env.job, type(exc).__name__)))
+    with serving(app):
+        assert final(last)["state"] == "dead"
+        assert final(again)["state"] == "succeeded"
+    assert sorted(heard) == [("dead", "remember", "LeaseExpired"),
+                             ("failure", "patient", "LeaseExpired"),
+                             ("failure", "remember", "LeaseExpired")]  # fmt: skip
+
+
 def test_a_replacement_child_fails_the_jobs_its_crashed_predecessor_held(
     app: backroom.App, monkeypatch: pytest.MonkeyPatch
 ) -> None:
