@@ -49,6 +49,7 @@ WATCHDOG_S = 0.05  # how often sync jobs' timeouts are checked
 PREFETCH_WINDOW_S = 0.05  # claim ahead about this much work (by the recent mean run time)
 PREFETCH_MAX = 256
 PREFETCH_MAX_WAIT_S = 1.0  # a job claimed ahead that waited this long goes back to the queue
+WAIT_S = 1.0  # the waiter thread's longest wait for work before it looks again
 GATHER_S = 0.002  # while jobs claimed ahead keep the threads busy, outcomes gather this long
 GATHER_MAX = 64  # ... or until this many wait: one wake-up and one ack per batch
 WORKER_TTL_S = 15.0
@@ -185,6 +186,10 @@ class Worker:
         self._prefetch_paused = False  # after a hand-back, until the next job finishes
         self._watcher: asyncio.Future[list[tuple[Claim, Rejected]]] | None = None  # the waiter's
         self._waiter_claiming = False  # the waiter thread claimed: its result is not taken yet
+        # the waiter waits without having looked (the worker was busy): work queued all along
+        # wakes no one, so a worker that turns idle meanwhile claims from its loop
+        self._waiter_blind = False
+        self._loop_claiming = False  # the loop claims: the waiter does not
         self._tasks: set[asyncio.Task[Any]] = set()  # outcome recording off the fast path
         self._done: list[str] = []  # finished job ids not yet told to the supervisor
         self._stopping = False
@@ -280,15 +285,25 @@ class Worker:
                 want = self._wanted()
                 claims: list[Claim] = []
                 # an idle worker leaves claiming to its waiter thread, which claims as soon as
-                # work comes (no hop through the loop and the broker thread first)
-                if want > 0 and not self._waiter_claiming and (self._running or not self._watcher):
-                    claims = await self._call(
-                        self.broker.claim, self.queues, self.id, self.lease, want
+                # work comes (no hop through the loop and the broker thread first), unless that
+                # thread waits without having looked
+                with self._lock:
+                    self._loop_claiming = (
+                        want > 0
+                        and not self._waiter_claiming
+                        and (bool(self._running) or not self._watcher or self._waiter_blind)
                     )
-                    if claims:
-                        self._report_claims(claims)
-                        for claim, rejected in self._admit(claims):
-                            self._spawn(self._reject(claim, rejected))
+                if self._loop_claiming:
+                    try:
+                        claims = await self._call(
+                            self.broker.claim, self.queues, self.id, self.lease, want
+                        )
+                        if claims:
+                            self._report_claims(claims)
+                            for claim, rejected in self._admit(claims):
+                                self._spawn(self._reject(claim, rejected))
+                    finally:
+                        self._loop_claiming = False
                 self._dispatch()
                 failing = 0.0
                 if claims and len(claims) == want:
@@ -324,21 +339,34 @@ class Worker:
         broker thread; a busy worker's loop claims). An idle worker claims before it waits
         too: a wake-up the last wait consumed may have come after the last claim. Returns the
         rejected jobs, which the loop records."""
-        rejected = self._claim_if_idle()
+        looked: list[bool] = []
+        rejected = self._claim_if_idle(looked)
         if rejected is None:
-            self.broker.wait_for_work(self.queues, 1.0)
+            with self._lock:
+                self._waiter_blind = not looked
+                idle = not self._running
+            if self._waiter_blind and idle:
+                self._wake()  # the loop may have looked before this wait began: look again
+            try:
+                self.broker.wait_for_work(self.queues, WAIT_S)
+            finally:
+                self._waiter_blind = False
             rejected = self._claim_if_idle()
         return rejected or []
 
-    def _claim_if_idle(self) -> list[tuple[Claim, Rejected]] | None:
-        """None when it claimed nothing."""
+    def _claim_if_idle(
+        self, looked: list[bool] | None = None
+    ) -> list[tuple[Claim, Rejected]] | None:
+        """None when it claimed nothing; `looked` gets True when it asked the broker."""
         with self._lock:
-            if self._running or self._stopping:
+            if self._running or self._stopping or self._loop_claiming:
                 return None
             room = self._room()
             self._waiter_claiming = room > 0
         if room <= 0:
             return None
+        if looked is not None:
+            looked.append(True)
         claims = self.broker.claim(self.queues, self.id, self.lease, room)
         if not claims:
             self._waiter_claiming = False  # nothing for the loop (nor a stop) to wait for

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 import backroom
+import backroom.worker
 from backroom.brokers.base import WorkerInfo
 from backroom.supervisor import ORPHANS_ENV, ChildChannel, _Child
 from backroom.worker import EXIT_RECYCLE, Worker
@@ -347,6 +348,27 @@ def _claimed_ahead(app: backroom.App) -> tuple[backroom.Handle, list[backroom.Ha
     blocker = app.enqueue("stuck_without_timeout", {"gate": "blocker"})
     waiting = app.enqueue_many("remember", [{"n": n} for n in range(3)])
     return blocker, waiting
+
+
+def test_a_worker_that_turns_idle_claims_the_jobs_queued_all_along_without_waiting(
+    app: backroom.App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Jobs that end at once leave the worker idle while its waiter thread sits in a wait it
+    # began when the worker was busy; on Redis nothing wakes it for jobs queued all along (a
+    # queue announces work only when it turns non-empty). Here such a wait lasts 5 s (the
+    # broker's longest blocking read): the drain beats the deadline only if the idle worker
+    # claims itself.
+    monkeypatch.setattr(backroom.worker, "WAIT_S", 3600.0)
+    handles = app.enqueue_many("remember", [{"n": n} for n in range(1500)])
+    with serving(app):
+        wait_until(
+            lambda: app.broker.stats().jobs["remember"].counts.get("succeeded") == 1500,
+            deadline_s=8,
+            what="1,500 instant jobs to be drained with no wait running out",
+        )
+        last = app.enqueue("remember", {"n": -1})  # announces work: ends the waiter's wait
+        assert final(last)["state"] == "succeeded"
+    assert {h.status() for h in handles} == {"succeeded"}
 
 
 def test_jobs_claimed_ahead_that_wait_too_long_go_back_for_other_workers(
