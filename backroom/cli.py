@@ -112,6 +112,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.prefetch is not None:
         child_args += ["--prefetch", str(args.prefetch)]
     child_args += ["--log-format", args.log_format]  # the children log as the supervisor does
+    if args.verbose:
+        child_args.append("--verbose")
     return Supervisor(child_args, args.processes, burst=args.burst, scheduler=args.scheduler).run()
 
 

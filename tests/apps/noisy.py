@@ -12,6 +12,7 @@ app = backroom.App(source="api")
 @app.job()
 def parse(ctx: backroom.Context, lines: int) -> int:
     ctx.logger.info("parsed %d lines", lines, extra={"lines": lines})
+    ctx.logger.debug("parser details: %d", lines)  # seen with -v only
     return lines
 
 

@@ -300,6 +300,15 @@ def test_text_stays_the_default_log_format(url: str) -> None:
     assert not any(line.startswith("{") for line in proc.stderr.splitlines())
 
 
+def test_verbose_reaches_the_children_of_a_supervisor(url: str) -> None:
+    run("enqueue", "--app", NOISY, "parse", '{"lines": 7}', url=url)
+    quiet = run("worker", "--app", NOISY, "--burst", url=url)
+    assert "parsed 7 lines" in quiet.stderr and "parser details" not in quiet.stderr
+    run("enqueue", "--app", NOISY, "parse", '{"lines": 8}', url=url)
+    loud = run("worker", "--app", NOISY, "--burst", "-v", url=url)  # a supervisor and a child
+    assert " DEBUG backroom.job.parse: parser details: 8" in loud.stderr
+
+
 def test_a_bad_log_format_in_the_environment_is_one_clear_line(url: str) -> None:
     proc = run("stats", "--app", APP, url=url, ok=False, env={LOG_FORMAT_ENV: "xml"})
     assert "BACKROOM_LOG_FORMAT 'xml' is not a log format; use text or json" in proc.stderr
