@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 import msgspec
 
@@ -41,6 +41,8 @@ from backroom.jobs import Backoff, JobSpec, Registry, build_spec
 from backroom.security import Keyring, KeySpec, Redactor
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from backroom.scheduler import Schedule
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -50,6 +52,25 @@ DEFAULT_MAX_PAYLOAD_BYTES = 1 << 20
 UNIQUE_MODES = ("start", "finish")
 
 Hook = Callable[[Envelope, BaseException], None]
+
+
+class Options(TypedDict, total=False):
+    """The keywords of `enqueue`, `enqueue_many` and `envelope` (see the README's table)."""
+
+    delay: float | None  # seconds from now
+    at: datetime | None  # a moment (aware, or naive UTC)
+    expires: float | datetime | None  # never started after this: seconds from now, or a moment
+    tags: Iterable[str]
+    unique_key: str | None
+    unique_for: str | float | None  # "start", "finish" or seconds
+    queue: str | None
+    priority: int | None  # higher runs earlier
+    then: str | None  # the follow-up job, given this one's result
+    source: str | None  # who enqueues (default: the App's source)
+    now: float | None  # the clock, for tests
+
+
+OPTION_NAMES = frozenset(Options.__annotations__)
 logger = logging.getLogger("backroom")
 
 
@@ -195,67 +216,42 @@ class App:
 
     # -- producing -------------------------------------------------------------------------------
     def envelope(
-        self,
-        job: str,
-        payload: Mapping[str, Any] | None = None,
-        *,
-        delay: float | None = None,
-        at: datetime | None = None,
-        expires: float | datetime | None = None,
-        tags: Iterable[str] = (),
-        unique_key: str | None = None,
-        unique_for: str | float | None = None,
-        queue: str | None = None,
-        priority: int | None = None,
-        then: str | None = None,
-        source: str | None = None,
-        now: float | None = None,
+        self, job: str, payload: Mapping[str, Any] | None = None, **options: Unpack[Options]
     ) -> Envelope:
         """Check and build one envelope (without storing it). Raises UnknownJob,
-        SourceNotAllowed, InvalidPayload or PayloadTooLarge naming what was wrong."""
-        spec, fields = self._template(
-            job, delay=delay, at=at, expires=expires, tags=tags, unique_key=unique_key,
-            unique_for=unique_for, queue=queue, priority=priority, then=then, source=source,
-            now=now,
-        )  # fmt: skip
+        SourceNotAllowed, InvalidPayload or PayloadTooLarge naming what was wrong; the keywords
+        are `Options`."""
+        spec, fields = self._template(job, options)
         return self._envelope(spec, fields, payload, new_id())
 
-    def _template(
-        self,
-        job: str,
-        *,
-        delay: float | None = None,
-        at: datetime | None = None,
-        expires: float | datetime | None = None,
-        tags: Iterable[str] = (),
-        unique_key: str | None = None,
-        unique_for: str | float | None = None,
-        queue: str | None = None,
-        priority: int | None = None,
-        then: str | None = None,
-        source: str | None = None,
-        now: float | None = None,
-    ) -> tuple[JobSpec, dict[str, Any]]:
+    def _template(self, job: str, options: Options) -> tuple[JobSpec, dict[str, Any]]:
         """What the envelopes of one call share, checked once: the job, its source and the
         options (enqueue_many builds a thousand envelopes from one)."""
+        unknown = options.keys() - OPTION_NAMES
+        if unknown:
+            raise TypeError(f"unexpected keyword {sorted(unknown)[0]!r}; the options are "
+                            f"{', '.join(sorted(OPTION_NAMES))}")  # fmt: skip
         spec = self.registry.get(job)
-        source = source or self.source
+        source = options.get("source") or self.source
         spec.check_source(source)
+        then = options.get("then")
         if then is not None:  # the follow-up's source will be "job:<this job>"
             self.registry.get(then).check_source(f"job:{job}")
+        now = options.get("now")
+        unique_key, priority = options.get("unique_key"), options.get("priority")
         created = time.time() if now is None else now
         fields = {
             "job": job,
             "source": source,
-            "tags": _tags(spec.tags, tags),
-            "queue": queue or spec.queue,
+            "tags": _tags(spec.tags, options.get("tags", ())),
+            "queue": options.get("queue") or spec.queue,
             "priority": spec.priority if priority is None else int(priority),
             "max_retries": spec.retries,
             "timeout": spec.timeout,
-            "eta": _eta(delay, at, created),
-            "expires": _expires(expires, created),
+            "eta": _eta(options.get("delay"), options.get("at"), created),
+            "expires": _expires(options.get("expires"), created),
             "unique_key": unique_key,
-            "unique_for": _unique_for(unique_for, unique_key),
+            "unique_for": _unique_for(options.get("unique_for"), unique_key),
             "then": then,
             "created_at": created,
         }
@@ -294,7 +290,9 @@ class App:
         self.keys.verify(envelope)
         self.check_size(envelope.job, envelope.payload)
 
-    def enqueue(self, job: str, payload: Mapping[str, Any] | None = None, **options: Any) -> Handle:
+    def enqueue(
+        self, job: str, payload: Mapping[str, Any] | None = None, **options: Unpack[Options]
+    ) -> Handle:
         """Check and enqueue one job; returns its Handle (the existing job's, when `unique_key`
         is held by a live job). See `envelope` for the keywords."""
         envelope = self.envelope(job, payload, **options)
@@ -302,11 +300,11 @@ class App:
         return Handle(self, job_id)
 
     def enqueue_many(
-        self, job: str, payloads: Iterable[Mapping[str, Any]], **options: Any
+        self, job: str, payloads: Iterable[Mapping[str, Any]], **options: Unpack[Options]
     ) -> list[Handle]:
         """Check every payload first (one bad payload raises before anything is stored), then
         enqueue them all in one broker round trip. Handles come back in order."""
-        spec, fields = self._template(job, **options)
+        spec, fields = self._template(job, options)
         payloads = list(payloads)
         ids = new_ids(len(payloads))
         envelopes = []

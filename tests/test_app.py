@@ -132,6 +132,14 @@ def test_a_job_passed_as_its_function_gets_an_error_naming_the_string_to_pass(
     assert app.broker.stats().jobs == {}
 
 
+def test_a_misspelt_option_is_a_type_error_naming_it(app: backroom.App) -> None:
+    with pytest.raises(TypeError, match="unexpected keyword 'delya'; the options are at, delay"):
+        app.enqueue("add", {"a": 1}, delya=5)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="unexpected keyword 'tag'"):
+        app.enqueue_many("add", [{"a": 1}], tag="x")  # type: ignore[call-arg]
+    assert app.broker.stats().jobs == {}
+
+
 def test_retries_with_backoff_then_success(app: backroom.App) -> None:
     handle = app.enqueue("flaky", {"fail_times": 2})
     app.run_worker(burst=True)
