@@ -58,7 +58,7 @@ class Options(TypedDict, total=False):
     """The keywords of `enqueue`, `enqueue_many` and `envelope` (see the README's table)."""
 
     delay: float | None  # seconds from now
-    at: datetime | None  # a moment (aware, or naive UTC)
+    at: datetime | None  # a moment (a naive datetime is local time)
     expires: float | datetime | None  # never started after this: seconds from now, or a moment
     tags: Iterable[str]
     unique_key: str | None
