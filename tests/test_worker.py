@@ -53,6 +53,7 @@ def app(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[backroom.App
 
     @application.job(retries=0)
     def stuck_without_timeout(ctx: backroom.Context, gate: str) -> None:
+        seen.setdefault("entered", []).append(gate)
         gates[gate].wait(30)
 
     @application.job(retries=0, timeout=0.3)
@@ -407,6 +408,9 @@ def test_a_stop_hands_back_jobs_claimed_ahead_at_once_and_lets_running_ones_fini
     thread.start()
     wait_until(lambda: [h.status() for h in waiting] == ["running"] * 3, deadline_s=20,
                what="the worker to claim the three behind the blocker")  # fmt: skip
+    # a job claimed but not started yet goes back at a stop too: stop once the blocker runs
+    wait_until(lambda: "blocker" in app.seen.get("entered", []),  # type: ignore[attr-defined]
+               deadline_s=20, what="the blocker to start")  # fmt: skip
     worker.stop()
     wait_until(lambda: [h.status() for h in waiting] == ["queued"] * 3, deadline_s=20,
                what="the jobs claimed ahead to go back at once")  # fmt: skip
