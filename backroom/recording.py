@@ -12,6 +12,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgspec
+
 from backroom.app import App
 from backroom.brokers.base import Broker, Claim, Failure
 from backroom.envelope import JSON, Envelope, State, new_id
@@ -105,9 +107,8 @@ class Recorder:
                            envelope.job, attempt, failure.type, failure.message,
                            retry_at - time.time(),
                            extra=log_fields(envelope, attempt=attempt))  # fmt: skip
-        self.notify(self.app.failure_hooks, envelope, exc)
-        if retry_at is None:
-            self.notify(self.app.dead_hooks, envelope, exc)
+        dead = self.app.dead_hooks if retry_at is None else []
+        self.notify([*self.app.failure_hooks, *dead], envelope, exc)
 
     def backoff_s(self, job: str, attempt: int) -> float:
         if job in self.app.registry:
@@ -149,9 +150,8 @@ class Recorder:
                 "renewing its lease (killed, frozen or cut off)"
             )
             envelope = record.envelope.with_attempt(record.attempts)  # the attempt it lost
-            self.notify(self.app.failure_hooks, envelope, error)
-            if record.state == State.DEAD:
-                self.notify(self.app.dead_hooks, envelope, error)
+            dead = self.app.dead_hooks if record.state == State.DEAD else []
+            self.notify([*self.app.failure_hooks, *dead], envelope, error)
 
     def enqueue_then(self, envelope: Envelope, result: JSON) -> None:
         """The follow-up job, enqueued before the ack with a key tied to this job, so a crash in
@@ -187,13 +187,11 @@ class Recorder:
 
     def notify(self, hooks: Sequence[Callable[[Envelope, BaseException], None]],
                 envelope: Envelope, error: BaseException) -> None:  # fmt: skip
-        """Hooks observe: one that raises is logged and skipped, never changes an outcome."""
+        """Hooks observe: one that raises is logged and skipped, never changes an outcome. They
+        get the envelope with its payload redacted (once for all of them)."""
         if not hooks:
             return
-        redacted = envelope.__class__(**{
-            **{f: getattr(envelope, f) for f in envelope.__struct_fields__},
-            "payload": self.app.redact(envelope.payload),
-        })  # fmt: skip
+        redacted = msgspec.structs.replace(envelope, payload=self.app.redact(envelope.payload))
         for hook in hooks:
             try:
                 hook(redacted, error)

@@ -446,8 +446,8 @@ class Worker:
         await self._persist(self.broker.reject, claim, reason)
         logger.warning("rejected job %s (%s): %s", claim.id, envelope.job, reason,
                        extra=log_fields(envelope))  # fmt: skip
-        self._recorder.notify(self.app.reject_hooks, envelope, rejected.error)
-        self._recorder.notify(self.app.failure_hooks, envelope, rejected.error)
+        hooks = [*self.app.reject_hooks, *self.app.failure_hooks]
+        self._recorder.notify(hooks, envelope, rejected.error)
         self._count_done()
         self._done.append(claim.id)
 
