@@ -339,13 +339,9 @@ class Worker:
         broker thread; a busy worker's loop claims). An idle worker claims before it waits
         too: a wake-up the last wait consumed may have come after the last claim. Returns the
         rejected jobs, which the loop records."""
-        looked: list[bool] = []
-        rejected = self._claim_if_idle(looked)
+        rejected = self._claim_if_idle()
         if rejected is None:
-            with self._lock:
-                self._waiter_blind = not looked
-                idle = not self._running
-            if self._waiter_blind and idle:
+            if self._waiter_blind and not self._running:
                 self._wake()  # the loop may have looked before this wait began: look again
             try:
                 self.broker.wait_for_work(self.queues, WAIT_S)
@@ -354,19 +350,17 @@ class Worker:
             rejected = self._claim_if_idle()
         return rejected or []
 
-    def _claim_if_idle(
-        self, looked: list[bool] | None = None
-    ) -> list[tuple[Claim, Rejected]] | None:
-        """None when it claimed nothing; `looked` gets True when it asked the broker."""
+    def _claim_if_idle(self) -> list[tuple[Claim, Rejected]] | None:
+        """None when it claimed nothing; `_waiter_blind` says whether it asked the broker."""
         with self._lock:
+            self._waiter_blind = True
             if self._running or self._stopping or self._loop_claiming:
                 return None
             room = self._room()
             self._waiter_claiming = room > 0
         if room <= 0:
             return None
-        if looked is not None:
-            looked.append(True)
+        self._waiter_blind = False
         claims = self.broker.claim(self.queues, self.id, self.lease, room)
         if not claims:
             self._waiter_claiming = False  # nothing for the loop (nor a stop) to wait for
@@ -576,8 +570,6 @@ class Worker:
     def _take_outcomes(self) -> None:
         """The sync jobs' outcomes the threads handed over since last time."""
         self._outcomes_told = False  # before reading: a later outcome wakes the loop again
-        if not self._outcomes:
-            return
         while self._outcomes:
             entry, kind, value = self._outcomes.popleft()
             self._settle(entry, kind, value)
