@@ -43,9 +43,14 @@ def histogram_summary(hist: Histogram) -> dict[str, float | int | None]:
     }
 
 
+def failure_rate(counts: dict[str, int]) -> float:
+    """Dead over finished (succeeded or dead), 0.0 before anything finished."""
+    finished = counts["succeeded"] + counts["dead"]
+    return counts["dead"] / finished if finished else 0.0
+
+
 def job_summary(stats: JobStats) -> dict[str, Any]:
     counts = {state: stats.counts.get(state, 0) for state in STATE_ORDER}
-    finished = counts["succeeded"] + counts["dead"]
     return {
         "job": stats.job,
         "counts": counts,
@@ -55,7 +60,7 @@ def job_summary(stats: JobStats) -> dict[str, Any]:
         "retries": stats.retries,
         "recoveries": stats.recoveries,
         "rejections": dict(stats.rejections),
-        "failure_rate": counts["dead"] / finished if finished else 0.0,
+        "failure_rate": failure_rate(counts),
     }
 
 
@@ -127,7 +132,6 @@ FAILURE_GROUPS = 50  # groups listed by failure_groups, the most failures first
 
 def tag_summary(stats: TagStats) -> dict[str, Any]:
     counts = {kind: stats.counts.get(kind, 0) for kind in OUTCOME_KINDS}
-    finished = counts["succeeded"] + counts["dead"]
     return {
         "tag": stats.tag,
         "counts": counts,
@@ -136,7 +140,7 @@ def tag_summary(stats: TagStats) -> dict[str, Any]:
         "run_time": histogram_summary(stats.run_time),
         "wait_time": histogram_summary(stats.wait_time),
         "running": stats.running,
-        "failure_rate": counts["dead"] / finished if finished else 0.0,
+        "failure_rate": failure_rate(counts),
         "jobs": sorted(stats.jobs),
         "by_job": dict(stats.jobs),
     }
