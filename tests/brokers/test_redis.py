@@ -301,18 +301,23 @@ def counter_writes_for_an_ack_of(broker: RedisBroker, client: redis.Redis, jobs:
     return counter_calls(client) - before
 
 
-def test_an_ack_batch_writes_its_numbers_with_commands_that_do_not_grow_with_it(
-    redis_server: str,
-) -> None:
-    client = redis.Redis.from_url(redis_server)
-    with closing(connect(redis_server + "?prefix=batched")) as broker:
+@pytest.fixture
+def counted(redis_server: str) -> Iterator[tuple[RedisBroker, redis.Redis]]:
+    """A broker of its own prefix, and a client to read the server's command counts."""
+    with closing(connect(redis_server + "?prefix=counted")) as broker:
         assert isinstance(broker, RedisBroker)
-        small = counter_writes_for_an_ack_of(broker, client, 10)
-        large = counter_writes_for_an_ack_of(broker, client, 100)
-        # P:c 2 and P:h 3 (as before), the minute's 3, per tag 5 (succeeded, j:<job>, a run
-        # bucket, rt, running), a SISMEMBER per tag, 1 EXPIRE
-        assert small == large == 2 + 3 + 3 + 2 * 5 + 2 + 1
+        yield broker, redis.Redis.from_url(redis_server)
         broker.purge()
+
+
+def test_an_ack_batch_writes_its_numbers_with_commands_that_do_not_grow_with_it(
+    counted: tuple[RedisBroker, redis.Redis],
+) -> None:
+    small = counter_writes_for_an_ack_of(*counted, 10)
+    large = counter_writes_for_an_ack_of(*counted, 100)
+    # P:c 2 and P:h 3 (as before), the minute's 3, per tag 5 (succeeded, j:<job>, a run
+    # bucket, rt, running), a SISMEMBER per tag, 1 EXPIRE
+    assert small == large == 2 + 3 + 3 + 2 * 5 + 2 + 1
 
 
 def counter_writes_for_a_claim_of(broker: RedisBroker, client: redis.Redis, jobs: int) -> int:
@@ -329,17 +334,13 @@ def counter_writes_for_a_claim_of(broker: RedisBroker, client: redis.Redis, jobs
 
 
 def test_a_claim_batch_writes_its_numbers_with_commands_that_do_not_grow_with_it(
-    redis_server: str,
+    counted: tuple[RedisBroker, redis.Redis],
 ) -> None:
-    client = redis.Redis.from_url(redis_server)
-    with closing(connect(redis_server + "?prefix=batched-claim")) as broker:
-        assert isinstance(broker, RedisBroker)
-        small = counter_writes_for_a_claim_of(broker, client, 10)
-        large = counter_writes_for_a_claim_of(broker, client, 200)
-        # P:c 2 (queued -1, running +1), P:h 3 (a wait bucket, wc, wt), the paused check 1,
-        # per tag 3 (a wait bucket, wt, running), a SISMEMBER per tag
-        assert small == large == 2 + 3 + 1 + 2 * 3 + 2
-        broker.purge()
+    small = counter_writes_for_a_claim_of(*counted, 10)
+    large = counter_writes_for_a_claim_of(*counted, 200)
+    # P:c 2 (queued -1, running +1), P:h 3 (a wait bucket, wc, wt), the paused check 1,
+    # per tag 3 (a wait bucket, wt, running), a SISMEMBER per tag
+    assert small == large == 2 + 3 + 1 + 2 * 3 + 2
 
 
 # -- blocking waits ----------------------------------------------------------------------------
