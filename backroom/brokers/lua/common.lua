@@ -116,12 +116,17 @@ local function bucket_of(s)  -- bisect_left over BOUNDS, 0-based like base.bucke
   return lo - 1
 end
 
--- Totals and maxima are kept in whole microseconds, so HINCRBY serves them.
-local function sample(job, kind, s)  -- kind: 'w' (wait) or 'r' (run)
+-- A sample of `s` seconds as the histograms keep it: its bucket and whole microseconds (totals
+-- and maxima are kept in microseconds, so HINCRBY serves them).
+local function measured(s)
   if s ~= s or s < 0 then s = 0 end
+  return bucket_of(s), math.floor(s * 1e6 + 0.5)
+end
+
+local function sample(job, kind, s)  -- kind: 'w' (wait) or 'r' (run)
   local f = job .. '\0' .. kind
-  local us = math.floor(s * 1e6 + 0.5)
-  add(hints, f .. ':' .. bucket_of(s), 1)
+  local b, us = measured(s)
+  add(hints, f .. ':' .. b, 1)
   add(hints, f .. 'c', 1)
   add(hints, f .. 't', us)
   if (hmaxes[f .. 'm'] or -1) < us then hmaxes[f .. 'm'] = us end
@@ -129,17 +134,27 @@ end
 
 -- per tag, per minute and per failure type: gathered like the counters, written by flush() ---
 -- One accumulator per job name (for now's minute hash) and per tag prefix (for P:T), updated in
--- place per job: {b = {[bucket] = n}, t = total us, m = max us (-1: none), n = {[kind] = n},
--- j = {[job] = finished}, and per tag the wait time's wb, wt, wm as b, t, m}. flush() builds
--- each "<prefix>\0<kind>" field once per batch.
+-- place per job: {r = the run time's histogram, w = the wait time's (per tag only), n =
+-- {[kind] = n}, j = {[job] = finished}}; a histogram is {b = {[bucket] = n}, t = total us,
+-- m = max us (-1: none)}. flush() builds each "<prefix>\0<kind>" field once per batch.
 local MAX_TAGS = __MAX_TAGS__
 local KEEP_MINUTES = __KEEP_MINUTES__
 local MAX_FAILURE_GROUPS = __MAX_FAILURE_GROUPS__
 local job_accs, tag_accs, prefix_accs = {}, {}, {}
 local minute_key, minute_ttl = nil, nil  -- a call has one `now`, so one minute
 
+local function histogram()
+  return {b = {}, t = 0, m = -1}
+end
+
 local function accumulator()
-  return {b = {}, t = 0, m = -1, n = {}, j = {}, wb = {}, wt = 0, wm = -1}
+  return {r = histogram(), w = histogram(), n = {}, j = {}}
+end
+
+local function add_sample(h, b, us)
+  h.b[b] = (h.b[b] or 0) + 1
+  h.t = h.t + us
+  if h.m < us then h.m = us end
 end
 
 -- The accumulator of job r's numbers in now's minute; the minute's hash expires once the minute
@@ -193,21 +208,12 @@ end
 
 -- An attempt of job r that ran `s` seconds and ended now: its minute's and its tags' histograms.
 local function run_tally(r, s, now)
-  if s ~= s or s < 0 then s = 0 end
-  local us = math.floor(s * 1e6 + 0.5)
-  local b = bucket_of(s)
-  local a = job_acc(r, now)
-  a.b[b] = (a.b[b] or 0) + 1
-  a.t = a.t + us
-  if a.m < us then a.m = us end
+  local b, us = measured(s)
+  add_sample(job_acc(r, now).r, b, us)
   if type(r.tg) ~= 'table' then return end
   for _, tag in ipairs(r.tg) do
-    a = tag_acc(tag)
-    if a then
-      a.b[b] = (a.b[b] or 0) + 1
-      a.t = a.t + us
-      if a.m < us then a.m = us end
-    end
+    local a = tag_acc(tag)
+    if a then add_sample(a.r, b, us) end
   end
 end
 
@@ -231,16 +237,10 @@ end
 -- histograms.
 local function wait_tally(r, s)
   if type(r.tg) ~= 'table' then return end
-  if s ~= s or s < 0 then s = 0 end
-  local us = math.floor(s * 1e6 + 0.5)
-  local b = bucket_of(s)
+  local b, us = measured(s)
   for _, tag in ipairs(r.tg) do
     local a = tag_acc(tag)
-    if a then
-      a.wb[b] = (a.wb[b] or 0) + 1
-      a.wt = a.wt + us
-      if a.wm < us then a.wm = us end
-    end
+    if a then add_sample(a.w, b, us) end
   end
 end
 
@@ -254,18 +254,18 @@ local function running_tally(r, delta)
   end
 end
 
-local function flush_histogram(key, f, prefix, buckets, total, most)
-  for b, n in pairs(buckets) do redis.call('HINCRBY', key, f .. prefix .. ':' .. b, n) end
-  if most >= 0 then
-    redis.call('HINCRBY', key, f .. prefix .. 't', total)
+local function flush_histogram(key, f, prefix, h)
+  for b, n in pairs(h.b) do redis.call('HINCRBY', key, f .. prefix .. ':' .. b, n) end
+  if h.m >= 0 then
+    redis.call('HINCRBY', key, f .. prefix .. 't', h.t)
     local cur = tonumber(redis.call('HGET', key, f .. prefix .. 'm'))
-    if cur == nil or most > cur then redis.call('HSET', key, f .. prefix .. 'm', most) end
+    if cur == nil or h.m > cur then redis.call('HSET', key, f .. prefix .. 'm', h.m) end
   end
 end
 
 local function flush_accumulator(key, f, a)
-  flush_histogram(key, f, 'r', a.b, a.t, a.m)
-  flush_histogram(key, f, 'w', a.wb, a.wt, a.wm)
+  flush_histogram(key, f, 'r', a.r)
+  flush_histogram(key, f, 'w', a.w)
   for kind, n in pairs(a.n) do
     if n ~= 0 then redis.call('HINCRBY', key, f .. kind, n) end
   end
