@@ -1083,7 +1083,7 @@ def _record(row: Sequence[Any]) -> JobRecord:
 
 
 SELECTED = ", ".join("jobs." + c.strip() for c in RECORD_COLUMNS.split(","))
-BEFORE = "jobs.seq < (SELECT seq FROM jobs WHERE id = ?)"
+BEFORE = "{} < (SELECT seq FROM jobs WHERE id = ?)"  # the page before a job id, by seq
 
 
 def _listing(state: str, job: str | None, before: str | None, limit: int) -> tuple[str, list[Any]]:
@@ -1101,7 +1101,7 @@ def _listing(state: str, job: str | None, before: str | None, limit: int) -> tup
         where.append("jobs.job = ?")
         args.append(job)
     if before is not None:
-        where.append(BEFORE)
+        where.append(BEFORE.format("jobs.seq"))
         args.append(before)
     sql = (
         f"SELECT {SELECTED} FROM jobs INDEXED BY {index} WHERE {' AND '.join(where)} "
@@ -1128,7 +1128,7 @@ def _tag_or_all_listing(query: JobQuery, state: str | None, limit: int) -> tuple
         where.append("jobs.job = ?")
         args.append(query.job)
     if query.before is not None:
-        where.append(f"{order} < (SELECT seq FROM jobs WHERE id = ?)")
+        where.append(BEFORE.format(order))
         args.append(query.before)
     sql = f"SELECT {SELECTED} FROM {source}"
     if where:
