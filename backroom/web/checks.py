@@ -244,3 +244,5 @@ async def read_json(request: Request, limit: int, *, allow_empty: bool = False) 
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
     except RecursionError:
         raise ApiError(400, "malformed_json", "the body is nested too deeply") from None
+    except UnicodeError:  # a string of bytes that are not UTF-8
+        raise ApiError(400, "malformed_json", "the body is not valid UTF-8 text") from None
