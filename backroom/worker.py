@@ -115,6 +115,9 @@ class _Running:
 
 
 _OK, _FAILED = True, False
+# what one wait of the waiter thread yields: jobs it rejected, and jobs handed over to this
+# worker that it left to the loop to take in
+_Waited = tuple[list[tuple[Claim, "Rejected"]], list[Claim]]
 
 
 class Worker:
@@ -184,7 +187,7 @@ class Worker:
         self._thread_limit = concurrency  # grows by one for each thread written off
         self._mean_run = 0.0  # recent mean run time (s), which sizes the prefetch
         self._prefetch_paused = False  # after a hand-back, until the next job finishes
-        self._watcher: asyncio.Future[list[tuple[Claim, Rejected]]] | None = None  # the waiter's
+        self._watcher: asyncio.Future[_Waited] | None = None  # the waiter thread's wait
         self._waiter_claiming = False  # the waiter thread claimed: its result is not taken yet
         # the waiter waits without having looked (the worker was busy): work queued all along
         # wakes no one, so a worker that turns idle meanwhile claims from its loop
@@ -295,9 +298,7 @@ class Worker:
                     )
                 if self._loop_claiming:
                     try:
-                        claims = await self._call(
-                            self.broker.claim, self.queues, self.id, self.lease, want
-                        )
+                        claims = await self._call(self._claim, want)
                         if claims:
                             self._report_claims(claims)
                             for claim, rejected in self._admit(claims):
@@ -333,22 +334,52 @@ class Worker:
                 continue
             await _first(self._changed.wait(), watcher, timeout=1.0)
 
-    def _wait_and_claim(self) -> list[tuple[Claim, Rejected]]:
+    def _claim(self, limit: int) -> list[Claim]:
+        """Claim up to `limit`; finding fewer, offer to take the rest as it comes (a broker
+        that can then hands jobs enqueued later, claimed already, to this worker's wait)."""
+        return self.broker.claim(self.queues, self.id, self.lease, limit, offer=True)
+
+    def _wait_and_claim(self) -> _Waited:
         """On the waiter thread: wait for work and, if the worker is idle then, claim, check
         and start the sync jobs on the job threads at once (no hop through the loop and the
         broker thread; a busy worker's loop claims). An idle worker claims before it waits
         too: a wake-up the last wait consumed may have come after the last claim. Returns the
-        rejected jobs, which the loop records."""
+        rejected jobs, which the loop records, and jobs handed over for the loop to start."""
         rejected = self._claim_if_idle()
         if rejected is None:
             if self._waiter_blind and not self._running:
                 self._wake()  # the loop may have looked before this wait began: look again
             try:
-                self.broker.wait_for_work(self.queues, WAIT_S)
+                handed = self.broker.wait_for_work(self.queues, WAIT_S, self.id)
             finally:
                 self._waiter_blind = False
+            if handed:
+                return self._take_handed(handed)
             rejected = self._claim_if_idle()
-        return rejected or []
+        return rejected or [], []
+
+    def _take_handed(self, claims: list[Claim]) -> _Waited:
+        """On the waiter thread: jobs the broker claimed for this worker's offer. An idle worker
+        starts them at once; a busy one leaves them to the loop; a stopping one hands them
+        back (its loop may be past taking them)."""
+        with self._lock:
+            stopping = self._stopping
+            self._waiter_claiming = not stopping  # the loop, or the stop, takes them from here
+            idle = not (self._running or stopping or self._loop_claiming)
+        if stopping:
+            with contextlib.suppress(Exception):
+                self.broker.release(claims)
+            return [], []
+        rejected: list[tuple[Claim, Rejected]] = []
+        if idle:
+            self._report_claims(claims)
+            rejected = self._admit(claims)
+            self._dispatch(threads_only=True)  # async jobs start on the loop
+        # their lease is short until renewed (a worker that dies with an offer out strands
+        # nothing for long): renew it now, once they run (the heartbeat keeps it from here on)
+        with contextlib.suppress(Exception):
+            self.broker.extend(claims, self.lease)
+        return (rejected, []) if idle else ([], claims)
 
     def _claim_if_idle(self) -> list[tuple[Claim, Rejected]] | None:
         """None when it claimed nothing; `_waiter_blind` says whether it asked the broker."""
@@ -361,7 +392,7 @@ class Worker:
         if room <= 0:
             return None
         self._waiter_blind = False
-        claims = self.broker.claim(self.queues, self.id, self.lease, room)
+        claims = self._claim(room)
         if not claims:
             self._waiter_claiming = False  # nothing for the loop (nor a stop) to wait for
             return None
@@ -370,14 +401,18 @@ class Worker:
         self._dispatch(threads_only=True)  # async jobs start on the loop
         return rejected
 
-    def _take_waiter_claims(self, watcher: asyncio.Future[list[tuple[Claim, Rejected]]]) -> None:
-        """After a wait: record what it rejected, start what it left to the loop (a failed
-        wait only means "look again")."""
+    def _take_waiter_claims(self, watcher: asyncio.Future[_Waited]) -> None:
+        """After a wait: record what it rejected, take in the jobs handed over that it left to
+        the loop, start what waits (a failed wait only means "look again")."""
         self._waiter_claiming = False
         if watcher.cancelled() or watcher.exception() is not None:
             return
-        for claim, rejected in watcher.result():
-            self._spawn(self._reject(claim, rejected))
+        rejected, handed = watcher.result()
+        if handed:
+            self._report_claims(handed)
+            rejected = [*rejected, *self._admit(handed)]
+        for claim, why in rejected:
+            self._spawn(self._reject(claim, why))
         self._dispatch()
 
     def _wanted(self) -> int:
@@ -849,6 +884,11 @@ class Worker:
         with self._lock:
             self._stopping = True
             claiming = self._waiter_claiming
+        # no more jobs handed over; those handed but not received yet go back (received ones
+        # are the waiter's: it takes them to the loop, or hands them back itself)
+        unreceived = await self._persist(self.broker.withdraw, self.id)
+        if unreceived:
+            await self._persist(self.broker.release, unreceived)
         if self._watcher is not None and claiming:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._watcher), timeout=self.lease)

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 import backroom
 import backroom.worker
 from backroom.brokers.base import WorkerInfo
+from backroom.brokers.redis import RedisBroker
 from backroom.supervisor import ORPHANS_ENV, ChildChannel, _Child
 from backroom.worker import EXIT_RECYCLE, Worker
 from tests.conftest import BACKENDS
@@ -390,12 +392,57 @@ def test_jobs_claimed_ahead_that_wait_too_long_go_back_for_other_workers(
         assert final(blocker)["state"] == "succeeded"
 
 
+def _offers(app: backroom.App) -> set[str]:
+    """The workers with an offer out (Redis: claims that found too little offer to take what
+    comes next, handed straight to the worker)."""
+    assert isinstance(app.broker, RedisBroker)
+    client = redis.Redis.from_url(app.broker.url.split("?")[0])
+    return {worker.decode() for worker in client.hkeys("{" + app.broker.prefix + "}:o")}
+
+
+def test_a_job_handed_to_a_busy_worker_with_a_free_slot_runs_beside_the_running_one(
+    app: backroom.App,
+) -> None:
+    if not isinstance(app.broker, RedisBroker):
+        pytest.skip("only Redis hands jobs over")
+    blocker = app.enqueue("stuck_without_timeout", {"gate": "blocker"})
+    with serving(app, concurrency=2, prefetch=0) as worker:
+        wait_until(lambda: "blocker" in app.seen.get("entered", []),  # type: ignore[attr-defined]
+                   deadline_s=20, what="the blocker to start")  # fmt: skip
+        wait_until(lambda: worker.id in _offers(app), deadline_s=20,
+                   what="the busy worker to offer its free slot")  # fmt: skip
+        handed = app.enqueue("remember", {"n": 7})
+        assert final(handed)["state"] == "succeeded"
+        record = app.broker.get(handed.id)
+        assert record is not None and record.worker_id == worker.id
+        assert blocker.status() == "running"
+        app.gates["blocker"].set()  # type: ignore[attr-defined]
+        assert final(blocker)["state"] == "succeeded"
+
+
+def test_a_stopping_worker_hands_back_the_jobs_handed_to_it_that_it_never_received(
+    app: backroom.App,
+) -> None:
+    if not isinstance(app.broker, RedisBroker):
+        pytest.skip("only Redis hands jobs over")
+    # an offer out under this worker's id, and a job handed to it, still in its inbox
+    assert app.broker.claim(["default"], "w-gone", 60, 4, offer=True) == []
+    handle = app.enqueue("remember", {"n": 1})
+    assert handle.status() == "running"
+    worker = Worker(app, worker_id="w-gone")
+    worker.stop()  # before it ever waits: it must not leave the job to its lease
+    assert worker.run() == 0
+    record = app.broker.get(handle.id)
+    assert record is not None and (record.state, record.attempts) == ("queued", 0)
+    assert "w-gone" not in _offers(app)
+
+
 def test_a_worker_that_ended_never_claims_again_from_its_waiter_thread(app: backroom.App) -> None:
     worker = Worker(app, burst=True)
     assert worker.run() == 0  # nothing to do: it ends without being stopped
     handle = app.enqueue("remember", {"n": 1})
     # its waiter thread may still be blocked in a wait that this enqueue ends: it must not claim
-    assert worker._wait_and_claim() == []
+    assert worker._wait_and_claim() == ([], [])
     assert handle.status() == "queued"
 
 

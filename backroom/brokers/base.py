@@ -416,16 +416,31 @@ class Broker(ABC):
         lease_s: float,
         limit: int,
         now: float | None = None,
+        *,
+        offer: bool = False,
     ) -> list[Claim]:
         """Reserve up to `limit` queued jobs: queues in the order given, within a queue higher
         priority first, then oldest first; paused queues are skipped. Each becomes `running`
         with a lease until now + lease_s and attempts + 1. A queued job whose `expires` has
-        passed is not returned: it ends `cancelled` with reason "expired"."""
+        passed is not returned: it ends `cancelled` with reason "expired".
+
+        `offer`: when fewer than `limit` were there, the worker offers to take the rest as it
+        comes, until its next claim; a broker that can hands such jobs, claimed for it, to its
+        `wait_for_work` (Redis does; others ignore it). Their lease may be shorter than
+        `lease_s`: the worker renews it (`extend`) once it has them."""
 
     @abstractmethod
-    def wait_for_work(self, queues: Sequence[str], timeout_s: float) -> None:
+    def wait_for_work(
+        self, queues: Sequence[str], timeout_s: float, worker_id: str | None = None
+    ) -> list[Claim]:
         """Block until a job may be claimable from `queues`, or timeout. May return early;
-        never busy-spins. Callers claim afterwards."""
+        never busy-spins. Callers claim afterwards. Returns the jobs handed to `worker_id`
+        under its offer (already claimed for it: see `claim`), if any."""
+
+    def withdraw(self, worker_id: str) -> list[Claim]:
+        """A stopping worker takes back its offer; returns the jobs handed to it that it has
+        not received, for it to release."""
+        return []
 
     @abstractmethod
     def extend(self, claims: Sequence[Claim], lease_s: float, now: float | None = None) -> set[str]:

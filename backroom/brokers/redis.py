@@ -62,6 +62,11 @@ logger = logging.getLogger("backroom")
 WAITER_GRACE_S = 60.0  # a wait_finished registration outlives its deadline by this much
 BLOCK_SLICE_S = 1.0  # wait_finished re-reads the record at least this often
 MAX_BLOCK_S = 5.0  # no blocking read asks for more (the socket timeout is 10 s)
+# An offer to take work (claim(offer=True)) lives this long, and a job handed over under it is
+# leased this long until its worker renews the lease on receipt. Workers claim again at least
+# every second or so while they have room (which renews the offer), so a worker that died is
+# offered jobs for at most this long, and they come back this long after.
+OFFER_S = 5.0
 _worker_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
@@ -80,6 +85,22 @@ def _escape(queue: str) -> str:
 def _command(connection: AbstractConnection, *args: Any) -> Any:
     connection.send_command(*args)  # type: ignore[no-untyped-call]
     return connection.read_response()
+
+
+def _claims(flat: Sequence[Any], start: int, lease_until: float) -> list[Claim]:
+    """Claims from a script's flat reply: [id, envelope, attempts, attempt id, ...] from
+    `start` on."""
+    claims: list[Claim] = []
+    for i in range(start, len(flat), 4):
+        job_id, stored, attempts, attempt_id = flat[i : i + 4]
+        try:
+            envelope = restored_envelope(job_id, stored).with_attempt(attempts)
+        except BadEnvelope as exc:
+            broken = Envelope(id=job_id, job="?", source="?", attempt=attempts)
+            claims.append(Claim(broken, lease_until, attempt_id, broken=str(exc)))
+            continue
+        claims.append(Claim(envelope, lease_until, attempt_id))
+    return claims
 
 
 def _glob_escape(text: str) -> str:
@@ -219,28 +240,62 @@ class RedisBroker(Broker):
         lease_s: float,
         limit: int,
         now: float | None = None,
+        *,
+        offer: bool = False,
     ) -> list[Claim]:
         if limit <= 0 or not queues:
             return []
         now = _now(now)
         lease_until = now + lease_s
         salt = os.urandom(6).hex() + "."
-        flat = unpack(self._run("claim", now, lease_until, worker_id, limit, salt, *queues))
-        claims: list[Claim] = []
-        for i in range(0, len(flat), 4):
-            job_id, stored, attempts, attempt_id = flat[i : i + 4]
-            try:
-                envelope = restored_envelope(job_id, stored).with_attempt(attempts)
-            except BadEnvelope as exc:
-                broken = Envelope(id=job_id, job="?", source="?", attempt=attempts)
-                claims.append(Claim(broken, lease_until, attempt_id, broken=str(exc)))
-                continue
-            claims.append(Claim(envelope, lease_until, attempt_id))
-        return claims
+        offer_s = OFFER_S if offer else 0
+        reply = self._run("claim", now, lease_until, worker_id, limit, salt, offer_s, *queues)
+        return _claims(unpack(reply), 0, lease_until)
 
-    def wait_for_work(self, queues: Sequence[str], timeout_s: float) -> None:
-        """Blocks on the queues' notification channels (published by the scripts when a queue
-        gains work): an idle worker wakes within a millisecond, and never busy-spins."""
+    def wait_for_work(
+        self, queues: Sequence[str], timeout_s: float, worker_id: str | None = None
+    ) -> list[Claim]:
+        """With a worker id: blocks on the worker's inbox, where the scripts put the jobs they
+        claimed for its offer (and a wake-up when work came some other way): a job enqueued
+        into an idle worker reaches it in one push, already claimed. Without one, blocks on the
+        queues' notification channels (published when a queue gains work). Never busy-spins."""
+        if worker_id is not None:
+            return self._wait_inbox(worker_id, timeout_s)
+        self._wait_published(queues, timeout_s)
+        return []
+
+    def _wait_inbox(self, worker_id: str, timeout_s: float) -> list[Claim]:
+        timeout = min(timeout_s, MAX_BLOCK_S)
+        if timeout <= 0:
+            return []
+        try:
+            connection = self._connection()
+            try:
+                reply = _command(connection, "BLPOP", self._key("i", worker_id), round(timeout, 3))
+            except BaseException:
+                self._drop_connection()  # a reply may be pending: never reuse it half-read
+                raise
+            if self._link.down:
+                self._link.restored()
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            self._link.lost(exc)
+            time.sleep(min(timeout, 0.25))  # Redis is away: back off, then the caller claims
+            return []
+        return self._handed(reply[1]) if reply else []
+
+    def _handed(self, entry: bytes) -> list[Claim]:
+        """An inbox entry: b"" (a wake-up) or msgpack [lease until, id, envelope, attempts,
+        attempt id, ...], jobs claimed for this worker."""
+        if not entry:
+            return []
+        flat = unpack(entry)
+        return _claims(flat, 1, flat[0])
+
+    def withdraw(self, worker_id: str) -> list[Claim]:
+        entries: list[bytes] = self._run("withdraw", worker_id)
+        return [claim for entry in entries for claim in self._handed(entry)]
+
+    def _wait_published(self, queues: Sequence[str], timeout_s: float) -> None:
         deadline = time.monotonic() + max(timeout_s, 0.0)
         channels = frozenset(self._channel(queue) for queue in queues)
         with self._wait_lock:
@@ -360,13 +415,7 @@ class RedisBroker(Broker):
         self._link.call(lambda: self._client.sadd(self._key("paused"), queue))
 
     def resume(self, queue: str) -> None:
-        def resume() -> None:
-            with self._client.pipeline(transaction=True) as pipe:
-                pipe.srem(self._key("paused"), queue)
-                pipe.publish(self._channel(queue), b"1")
-                pipe.execute()
-
-        self._link.call(resume)
+        self._run("resume", queue)
 
     def paused(self) -> set[str]:
         members: set[bytes] = self._link.call(

@@ -44,6 +44,8 @@ SCRIPTS = (
     "prune",
     "fire_once",
     "jobs",
+    "withdraw",
+    "resume",
 )
 
 

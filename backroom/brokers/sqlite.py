@@ -390,6 +390,8 @@ class SQLiteBroker(Broker):
         lease_s: float,
         limit: int,
         now: float | None = None,
+        *,
+        offer: bool = False,
     ) -> list[Claim]:
         now = _now(now)
         lease_until = now + lease_s
@@ -450,7 +452,9 @@ class SQLiteBroker(Broker):
             (state, now, reason, seq),
         )
 
-    def wait_for_work(self, queues: Sequence[str], timeout_s: float) -> None:
+    def wait_for_work(
+        self, queues: Sequence[str], timeout_s: float, worker_id: str | None = None
+    ) -> list[Claim]:
         """SQLite has no cross-process notification: watch PRAGMA data_version (it changes when
         another connection commits) every few milliseconds, and wake at once on local commits."""
         deadline = time.monotonic() + timeout_s
@@ -464,16 +468,16 @@ class SQLiteBroker(Broker):
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return
+                return []
             with self._local_change:
                 if self._version != local:
-                    return
+                    return []
                 self._local_change.wait(min(interval, remaining))
                 if self._version != local:
-                    return
+                    return []
             with self._read() as db:
                 if db.execute("PRAGMA data_version").fetchone()[0] != start:
-                    return
+                    return []
             interval = min(interval * 1.5, WATCH_MAX_S)
 
     def extend(self, claims: Sequence[Claim], lease_s: float, now: float | None = None) -> set[str]:

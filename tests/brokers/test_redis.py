@@ -178,7 +178,7 @@ def test_a_claim_repeated_after_its_reply_was_lost_returns_the_same_jobs(
         assert isinstance(broker, RedisBroker)
         broker.purge()
         broker.enqueue([envelope_for("resize_video") for _ in range(5)], now=T)
-        call = ("claim", T, T + 60, "w1", 3, "salt-1.", "default")
+        call = ("claim", T, T + 60, "w1", 3, "salt-1.", 0, "default")
         first = broker._run(*call)
         again = broker._run(*call)  # the same call: its first reply "lost"
         assert again == first

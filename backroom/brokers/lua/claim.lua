@@ -1,13 +1,18 @@
 -- claim.lua: reserve up to `limit` queued jobs under a lease, in one step.
--- KEYS[1] P:j. ARGV: now, lease_until, worker id, limit, attempt id salt, queue names...
+-- KEYS[1] P:j. ARGV: now, lease_until, worker id, limit, attempt id salt, offer seconds (0: no
+-- offer), queue names...
 -- Reads P:paused, P:Q:<queue>; pops P:l:<queue>:* lists and P:g:<queue>:* zsets; writes P:j,
--- P:lease, P:s:*, P:n:*, P:c, P:h, P:T, P:Tn, P:cl:<salt>; a job past its expiry ends
--- cancelled ("expired") in P:d.
+-- P:lease, P:s:*, P:n:*, P:c, P:h, P:T, P:Tn, P:cl:<salt>, P:o, P:o:*; a job past its expiry
+-- ends cancelled ("expired") in P:d. With offer seconds > 0, a call that claims fewer than
+-- `limit` leaves an offer for the rest (common.lua, take_offer), one that claims `limit` takes
+-- the worker's offer back.
 -- Order: queues as given, then higher priority, then lower seq (oldest first).
 -- Returns msgpack: a flat array [id, envelope, attempts, attempt id, ...] (one bulk reply
 -- parses far faster in Python than a long multi-bulk one).
 local now, lease_until = tonumber(ARGV[1]), tonumber(ARGV[2])
 local worker, limit, salt = ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local offer_s = tonumber(ARGV[6])  -- > 0: offer to take what comes, when this finds too little
+local FIRST_QUEUE = 7
 local out, n = {}, 0
 
 -- The salt is new per call: seen before, this is the same call repeated after its reply was
@@ -32,27 +37,13 @@ end
 
 -- A queued job (expanded, already out of its list or zset) starts running, or ends expired.
 local function start(id, r, fresh)
-  if type(r.x) == 'number' and r.x <= now then
-    r.rs = 'expired'
-    finish(id, r, 'cancelled', now, fresh)
-    return
+  if start_job(id, r, fresh, now, lease_until, worker, salt .. (n + 1)) then
+    n = n + 1
+    out[#out + 1] = id
+    out[#out + 1] = r.e
+    out[#out + 1] = r.a
+    out[#out + 1] = r.ai
   end
-  n = n + 1
-  if type(r.x) == 'number' then redis.call('ZREM', P .. ':x', id) end
-  r.st = 'running'
-  r.a = (r.a or 0) + 1
-  r.lu, r.w, r.ai, r.sa = lease_until, worker, salt .. n, now
-  r.cr, r.pg, r.pm = nil, nil, nil
-  reindex(id, r, 'queued', fresh)
-  attach(id, r)
-  save_live(id, r)
-  free_unique(id, r, 'start')
-  sample(r.j, 'w', now - (r.qa or now))
-  wait_tally(r, now - (r.qa or now))
-  out[#out + 1] = id
-  out[#out + 1] = r.e
-  out[#out + 1] = r.a
-  out[#out + 1] = r.ai
 end
 
 -- Point slot `h` at its oldest claimable job (h.id = nil when there is none).
@@ -158,7 +149,7 @@ local function claim_group(queue, members)
   end
 end
 
-for i = 6, #ARGV do
+for i = FIRST_QUEUE, #ARGV do
   if n >= limit then break end
   local queue = ARGV[i]
   if redis.call('SISMEMBER', P .. ':paused', queue) == 0 then
@@ -182,6 +173,20 @@ if n > 0 then  -- (id, attempt id) per job, for a repeat of this call; kept for 
   end
   local ttl_ms = math.max(1, math.ceil((lease_until - now) * 1000))
   redis.call('SET', made, cmsgpack.pack(claimed), 'PX', ttl_ms)
+end
+if offer_s > 0 then  -- replaces this worker's offer, if it had one
+  if n < limit then
+    -- a job handed over is leased for the offer's time at first (a worker that died with its
+    -- offer out strands it no longer); the worker renews it in full once it has it
+    local o = {now + offer_s, limit - n, math.min(lease_until - now, offer_s), salt .. 'h'}
+    for i = FIRST_QUEUE, #ARGV do
+      o[#o + 1] = ARGV[i]
+      redis.call('ZADD', k_offers(ARGV[i]), now, worker)
+    end
+    redis.call('HSET', P .. ':o', worker, cmsgpack.pack(o))
+  else
+    redis.call('HDEL', P .. ':o', worker)
+  end
 end
 flush()
 return cmsgpack.pack(out)

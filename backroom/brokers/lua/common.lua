@@ -39,6 +39,8 @@
 --   P:fired             HASH    schedule -> last tick granted
 --   P:workers           HASH    worker id -> "<expires_at>\0<info json>"
 --   P:wait / P:done:<id> ZSET / LIST  wait_finished: waiters by deadline, and their wake-up
+--   P:o / P:o:<Q>       HASH / ZSET  offers of workers waiting for work (see take_offer)
+--   P:i:<worker>        LIST    a worker's inbox: jobs claimed for it at enqueue, wake-ups
 --   channel P:w:<Q>             PUBLISH when a queue gains work
 -- A live record is msgpack: a fresh job is the array [seq, envelope, queued_at, meta?] (the
 -- smallest thing that can be claimed); any other is a map with the short keys used below.
@@ -340,13 +342,65 @@ local function free_unique(id, r, when)
   if held and string.sub(held, 1, #id + 1) == id .. '\0' then redis.call('DEL', key) end
 end
 
+-- offers: a worker whose claim found fewer jobs than it wanted leaves an offer, P:o (worker ->
+-- msgpack {until, how many, lease seconds, attempt id salt, queue names...}) and P:o:<Q> (worker
+-- -> when offered), until its next claim. The work that next comes to one of its queues goes
+-- straight to it: enqueue claims fresh jobs for the oldest live offer and pushes them to that
+-- worker's inbox P:i:<worker>, one entry per call (msgpack {lease until, id, envelope,
+-- attempts, attempt id, ...}); anything else that makes a queue claimable pushes a wake-up ''.
+-- An offer serves once. What sits in an inbox is leased: a worker that dies before it pops
+-- them loses nothing, its jobs come back when their lease runs out.
+local INBOX_TTL_MS = 60000
+local function k_offers(queue) return P .. ':o:' .. esc(queue) end
+local function k_inbox(worker) return P .. ':i:' .. worker end
+
+local function drop_offer(worker, o)
+  redis.call('HDEL', P .. ':o', worker)
+  if o then
+    for i = 5, #o do redis.call('ZREM', k_offers(o[i]), worker) end
+  end
+end
+
+local function to_inbox(worker, item, ttl_ms)
+  local inbox = k_inbox(worker)
+  redis.call('RPUSH', inbox, item)
+  redis.call('PEXPIRE', inbox, math.max(ttl_ms, INBOX_TTL_MS))
+end
+
+-- The oldest live offer on `queue`, taken (no other work goes to it): worker id and offer; nil
+-- when there is none. Offers past their time are dropped on the way.
+local function take_offer(queue, now)
+  local key = k_offers(queue)
+  while true do
+    local top = redis.call('ZRANGE', key, 0, 0)
+    if #top == 0 then return nil end
+    local worker = top[1]
+    local raw = redis.call('HGET', P .. ':o', worker)
+    local o = raw and cmsgpack.unpack(raw)
+    drop_offer(worker, o)
+    redis.call('ZREM', key, worker)
+    if o and o[1] > now then return worker, o end
+  end
+end
+
 -- where a live job sits ----------------------------------------------------------------------
+-- `queue` gained claimable work: publish (for waiters on the channel) and wake every worker
+-- with an offer on it (each claims again, and offers again if it finds nothing).
 local woken = {}
 local function wake(queue)
-  if not woken[queue] then
-    woken[queue] = true
-    redis.call('PUBLISH', P .. ':w:' .. esc(queue), '1')
+  if woken[queue] then return end
+  woken[queue] = true
+  redis.call('PUBLISH', P .. ':w:' .. esc(queue), '1')
+  local key = k_offers(queue)
+  local workers = redis.call('ZRANGE', key, 0, -1)
+  for _, worker in ipairs(workers) do
+    local raw = redis.call('HGET', P .. ':o', worker)
+    if raw then
+      drop_offer(worker, cmsgpack.unpack(raw))
+      to_inbox(worker, '', INBOX_TTL_MS)
+    end
   end
+  if #workers > 0 then redis.call('DEL', key) end
 end
 
 -- Take a (non-fresh) live job out of the structure its state keeps it in. (Its P:x entry, if
@@ -438,6 +492,46 @@ local function claimed_record(id, ai, call)
   local done = not r and load(id)
   if done and done.ak == call and done.ai == ai then return nil, 1 end
   return nil, 0
+end
+
+-- A queued job (expanded, already out of its list or zset) starts running for `worker`, leased
+-- until `lu`, with attempt id `ai`: true. One past its expiry ends cancelled ("expired"): false.
+-- `handed`: claimed at enqueue for a worker's offer; it has not received it until it renews the
+-- lease (until then a lost lease puts it back uncounted, see unrun).
+local function start_job(id, r, fresh, now, lu, worker, ai, handed)
+  if type(r.x) == 'number' and r.x <= now then
+    r.rs = 'expired'
+    finish(id, r, 'cancelled', now, fresh)
+    return false
+  end
+  if type(r.x) == 'number' then redis.call('ZREM', P .. ':x', id) end
+  r.st = 'running'
+  r.a = (r.a or 0) + 1
+  r.lu, r.w, r.ai, r.sa = lu, worker, ai, now
+  r.cr, r.pg, r.pm, r.hd = nil, nil, nil, handed
+  reindex(id, r, 'queued', fresh)
+  attach(id, r)
+  save_live(id, r)
+  free_unique(id, r, 'start')
+  sample(r.j, 'w', now - (r.qa or now))
+  wait_tally(r, now - (r.qa or now))
+  return true
+end
+
+-- A running job that never ran (handed back by its worker, or handed over and never received)
+-- is queued again, its attempt uncounted; one someone asked to cancel ends cancelled instead.
+-- (Out of P:lease already.)
+local function unrun(id, r, now)
+  if r.cr then
+    r.rs = r.rs or 'cancelled'
+    finish(id, r, 'cancelled', now, false)
+  else
+    r.st, r.a, r.qa = 'queued', math.max((r.a or 1) - 1, 0), now
+    r.lu, r.w, r.ai, r.hd = nil, nil, nil, nil
+    reindex(id, r, 'running', false)
+    attach(id, r)
+    save_live(id, r)
+  end
 end
 
 -- Pop up to `limit` jobs from the head of P:f:<st> that finished before `cutoff` and forget

@@ -3,7 +3,9 @@
 -- due (nil unless scheduled), meta (nil or map: mr x uk uf tg ca, and j q p when the envelope
 -- is not backroom's own JSON)], ARGV[2] now.
 -- Writes P:seq, P:j, P:l:*, P:Q:*, P:queues, P:due, P:x, P:s:scheduled, P:n:*, P:t:*, P:u:*,
--- P:uu, P:c; publishes on P:w:<queue> when a ready list of the queue was empty before.
+-- P:uu, P:c; publishes on P:w:<queue> when a ready list of the queue was empty before. A job
+-- for a queue with an offer (common.lua, take_offer) is claimed for that worker instead, and
+-- written as a running job (P:j, P:lease, P:s:running, P:n:*, P:h, P:T) and to its P:i inbox.
 -- Returns a flat list [index, existing id, ...] for rows whose unique key is held (0-based).
 local rows = cmsgpack.unpack(ARGV[1])
 local now = tonumber(ARGV[2])
@@ -56,7 +58,30 @@ for i, row in ipairs(rows) do
 end
 if #take == 0 then return out end
 
--- pass 2: write
+-- pass 2: write. A job for a queue that a worker waits on (an offer) goes straight to it,
+-- claimed here: no list, no wake-up, no claim call of its own.
+local hands, handed = {}, {}  -- queue -> the offer being filled (false: none), every one taken
+local function hand_for(queue)
+  local h = hands[queue]
+  if h and h.left > 0 then return h end
+  if h == false then return nil end
+  if h == nil and (redis.call('EXISTS', k_offers(queue)) == 0
+                   or redis.call('SISMEMBER', P .. ':paused', queue) == 1) then
+    hands[queue] = false
+    return nil
+  end
+  local worker, o = take_offer(queue, now)
+  if worker == nil then
+    hands[queue] = false
+    return nil
+  end
+  h = {w = worker, left = o[2], lease_ms = o[3] * 1000, salt = o[4], k = 0,
+       items = {now + o[3]}}
+  handed[#handed + 1] = h
+  hands[queue] = h
+  return h
+end
+
 local seq = redis.call('INCRBY', P .. ':seq', #take) - #take
 local lists, list_order = {}, {}
 for _, row in ipairs(take) do
@@ -85,17 +110,33 @@ for _, row in ipairs(take) do
   else
     local rec
     if meta then rec = {seq, env, now, meta} else rec = {seq, env, now} end
-    redis.call('HSET', J, id, cmsgpack.pack(rec))
-    local member = prio .. ':' .. job
-    local key = k_fresh(queue, member)
-    local ids = lists[key]
-    if ids == nil then
-      ids = {}
-      lists[key] = ids
-      list_order[#list_order + 1] = {key, queue, prio, member}
+    local h = hand_for(queue)
+    if h then
+      local r = expand(rec, job, queue, tonumber(prio))
+      count(r, 'queued', 1)  -- start_job moves it on to running (or cancelled, expired)
+      h.k = h.k + 1
+      if start_job(id, r, true, now, h.items[1], h.w, h.salt .. h.k, true) then
+        local items = h.items
+        items[#items + 1] = id
+        items[#items + 1] = r.e
+        items[#items + 1] = r.a
+        items[#items + 1] = r.ai
+        h.left = h.left - 1
+      end
+      if meta then meta.x = nil end  -- (P:x: start_job has dealt with it)
+    else
+      redis.call('HSET', J, id, cmsgpack.pack(rec))
+      local member = prio .. ':' .. job
+      local key = k_fresh(queue, member)
+      local ids = lists[key]
+      if ids == nil then
+        ids = {}
+        lists[key] = ids
+        list_order[#list_order + 1] = {key, queue, prio, member}
+      end
+      ids[#ids + 1] = id
+      add(counts, job .. '\0' .. queue .. '\0queued', 1)
     end
-    ids[#ids + 1] = id
-    add(counts, job .. '\0' .. queue .. '\0queued', 1)
   end
   if meta and type(meta.x) == 'number' then zadd(P .. ':x', num(meta.x), id) end
   if meta and type(meta.tg) == 'table' then
@@ -116,6 +157,9 @@ for _, entry in ipairs(list_order) do
     redis.call('SADD', P .. ':queues', queue)
     wake(queue)
   end
+end
+for _, h in ipairs(handed) do  -- one inbox entry per worker; '' when all it got had expired
+  to_inbox(h.w, #h.items > 1 and cmsgpack.pack(h.items) or '', h.lease_ms)
 end
 flush()
 return out

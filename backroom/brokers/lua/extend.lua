@@ -8,7 +8,7 @@ for i = 2, #ARGV, 2 do
   local raw = redis.call('HGET', J, id)
   local r = raw and cmsgpack.unpack(raw)
   if r and not is_fresh(r) and owned(r, ARGV[i + 1]) then
-    r.lu = lease_until
+    r.lu, r.hd = lease_until, nil  -- (handed over: now received)
     save_live(id, r)
     redis.call('ZADD', P .. ':lease', num(lease_until), id)
     out[#out + 1] = id

@@ -12,16 +12,7 @@ for i = 2, #ARGV, 2 do
   if r and not is_fresh(r) and owned(r, ARGV[i + 1]) then
     released = released + 1
     detach(id, r)
-    if r.cr then
-      r.rs = r.rs or 'cancelled'
-      finish(id, r, 'cancelled', now, false)
-    else
-      r.st, r.a, r.qa = 'queued', math.max((r.a or 1) - 1, 0), now
-      r.lu, r.w, r.ai = nil, nil, nil
-      reindex(id, r, 'running', false)
-      attach(id, r)
-      save_live(id, r)
-    end
+    unrun(id, r, now)
   end
 end
 flush()

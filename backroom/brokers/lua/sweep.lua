@@ -1,5 +1,6 @@
 -- sweep.lua: running jobs whose lease ran out -> queued again (a recovery), or dead with
--- "LeaseExpired" when that attempt was their last, or cancelled when they were told to stop.
+-- "LeaseExpired" when that attempt was their last, or cancelled when they were told to stop; one
+-- handed over to a worker that never received it goes back uncounted (not a recovery).
 -- Also forgets finished jobs older than the result ttl (their records carry a Redis TTL a
 -- little longer, so what names them in the indexes is removed here first).
 -- KEYS[1] P:j. ARGV: now, limit, cutoff for succeeded/cancelled, cutoff for dead/rejected,
@@ -13,7 +14,9 @@ for _, id in ipairs(ids) do
   redis.call('ZREM', P .. ':lease', id)
   local raw = redis.call('HGET', J, id)
   local r = raw and cmsgpack.unpack(raw)
-  if r and not is_fresh(r) and r.st == 'running' then
+  if r and r.hd and not is_fresh(r) and r.st == 'running' then
+    unrun(id, r, now)  -- handed over at enqueue to a worker that never took it: it never ran
+  elseif r and not is_fresh(r) and r.st == 'running' then
     event(r.j, 'recovery')
     if r.cr then  -- told to stop before its worker was lost: never run it again
       r.rs = r.rs or 'cancelled'
