@@ -62,7 +62,7 @@ DRIVERS = BENCH / "drivers"
 VENVS = BENCH / ".venvs"
 COUNTER = "bench:count"
 LATENCIES = "bench:lat"
-RAN = "bench:ran"  # the pids of the processes that ran a no-op job (drivers/common.py)
+RAN = "bench:ran"  # the pids of the processes that ran an INCR job (drivers/common.py)
 
 
 @dataclass(frozen=True)

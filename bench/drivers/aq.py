@@ -10,14 +10,14 @@ from typing import Any
 
 import arq
 from arq.connections import RedisSettings
-from common import REDIS_URL, latency_body, main, noop_body
+from common import REDIS_URL, incr_body, latency_body, main
 
 POLL = float(os.environ.get("BENCH_ARQ_POLL", "0.01"))
 pool: Any = None
 
 
 async def incr(ctx: Any) -> None:
-    noop_body()
+    incr_body()
 
 
 async def lat(ctx: Any, sent: float) -> None:

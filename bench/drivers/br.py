@@ -12,7 +12,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.environ.get("BENCH_BACKROOM_SRC") or os.path.dirname(os.path.dirname(HERE)))
 
 import backroom  # noqa: E402
-from common import REDIS_URL, SQLITE_DIR, latency_body, main, noop_body  # noqa: E402
+from common import REDIS_URL, SQLITE_DIR, incr_body, latency_body, main  # noqa: E402
 
 KIND = os.environ.get("BENCH_BACKROOM", "redis")
 DB = os.path.join(SQLITE_DIR, "backroom.db")
@@ -25,7 +25,7 @@ if os.environ.get("BENCH_BACKROOM_ASYNC") == "1":
 
     @app.job()
     async def incr() -> None:
-        noop_body()
+        incr_body()
 
     @app.job()
     async def lat(sent: float) -> None:
@@ -35,7 +35,7 @@ else:
 
     @app.job()
     def incr() -> None:
-        noop_body()
+        incr_body()
 
     @app.job()
     def lat(sent: float) -> None:

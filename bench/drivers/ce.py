@@ -7,7 +7,7 @@ import os
 import sys
 
 import celery
-from common import REDIS_URL, latency_body, main, noop_body
+from common import REDIS_URL, incr_body, latency_body, main
 
 POOL = os.environ.get("BENCH_CELERY_POOL", "solo")
 app = celery.Celery("ce", broker=REDIS_URL)
@@ -18,7 +18,7 @@ app.conf.broker_connection_retry_on_startup = True
 
 @app.task
 def incr() -> None:
-    noop_body()
+    incr_body()
 
 
 @app.task

@@ -20,9 +20,9 @@ import redis
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 SQLITE_DIR = os.environ.get("BENCH_SQLITE_DIR", "/tmp")
-COUNTER = "bench:count"  # INCR'd by every no-op job
+COUNTER = "bench:count"  # INCR'd by every job of the INCR body
 LATENCIES = "bench:lat"  # the latency probe pushes (job start - enqueue) in seconds
-RAN = "bench:ran"  # the pid of every process that ran a no-op job (once per process)
+RAN = "bench:ran"  # the pid of every process that ran an INCR job (once per process)
 
 _client: redis.Redis | None = None
 _ran = False
@@ -35,7 +35,7 @@ def client() -> redis.Redis:
     return _client
 
 
-def noop_body() -> None:
+def incr_body() -> None:
     """The job body of the drain and enqueue scenarios: one Redis INCR. A process's first job
     also adds its pid to RAN, so the runner knows when each of several workers is running."""
     global _ran

@@ -7,7 +7,7 @@ import os
 import sys
 
 import dramatiq
-from common import REDIS_URL, latency_body, main, noop_body
+from common import REDIS_URL, incr_body, latency_body, main
 from dramatiq.brokers.redis import RedisBroker
 
 THREADS = os.environ.get("BENCH_DRAMATIQ_THREADS", "8")
@@ -17,7 +17,7 @@ dramatiq.set_broker(broker)
 
 @dramatiq.actor(max_retries=0)
 def incr() -> None:
-    noop_body()
+    incr_body()
 
 
 @dramatiq.actor(max_retries=0)

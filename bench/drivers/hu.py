@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 import huey
-from common import REDIS_URL, SQLITE_DIR, latency_body, main, noop_body
+from common import REDIS_URL, SQLITE_DIR, incr_body, latency_body, main
 
 KIND = os.environ.get("BENCH_HUEY", "redis")
 DB = os.path.join(SQLITE_DIR, "huey.db")
@@ -21,7 +21,7 @@ else:
 
 @queue.task()
 def incr() -> None:
-    noop_body()
+    incr_body()
 
 
 @queue.task()

@@ -6,13 +6,13 @@ from __future__ import annotations
 import os
 
 import rq
-from common import client, latency_body, main, noop_body
+from common import client, incr_body, latency_body, main
 
 KIND = os.environ.get("BENCH_RQ_WORKER", "simple")
 
 
 def incr() -> None:
-    noop_body()
+    incr_body()
 
 
 def lat(sent: float) -> None:

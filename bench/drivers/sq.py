@@ -8,14 +8,14 @@ import os
 from typing import Any
 
 import saq
-from common import REDIS_URL, latency_body, main, noop_body
+from common import REDIS_URL, incr_body, latency_body, main
 
 CONCURRENCY = int(os.environ.get("BENCH_SAQ_CONCURRENCY", "10"))
 queue = saq.Queue.from_url(REDIS_URL)
 
 
 async def incr(ctx: Any) -> None:
-    noop_body()
+    incr_body()
 
 
 async def lat(ctx: Any, *, sent: float) -> None:

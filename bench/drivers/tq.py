@@ -8,7 +8,7 @@ import asyncio
 import os
 import sys
 
-from common import REDIS_URL, latency_body, main, noop_body
+from common import REDIS_URL, incr_body, latency_body, main
 from taskiq_redis import ListQueueBroker
 
 broker = ListQueueBroker(REDIS_URL)
@@ -16,7 +16,7 @@ broker = ListQueueBroker(REDIS_URL)
 
 @broker.task
 async def incr() -> None:
-    noop_body()
+    incr_body()
 
 
 @broker.task
