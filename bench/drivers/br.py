@@ -12,7 +12,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.environ.get("BENCH_BACKROOM_SRC") or os.path.dirname(os.path.dirname(HERE)))
 
 import backroom  # noqa: E402
-from common import REDIS_URL, SQLITE_DIR, incr_body, latency_body, main  # noqa: E402
+from common import (  # noqa: E402
+    REDIS_URL,
+    SQLITE_DIR,
+    incr_body,
+    latency_body,
+    main,
+    mark_body,
+    nothing_body,
+)
 
 KIND = os.environ.get("BENCH_BACKROOM", "redis")
 DB = os.path.join(SQLITE_DIR, "backroom.db")
@@ -28,6 +36,14 @@ if os.environ.get("BENCH_BACKROOM_ASYNC") == "1":
         incr_body()
 
     @app.job()
+    async def noop() -> None:
+        nothing_body()
+
+    @app.job()
+    async def mark() -> None:
+        mark_body()
+
+    @app.job()
     async def lat(sent: float) -> None:
         latency_body(sent)
 
@@ -36,6 +52,14 @@ else:
     @app.job()
     def incr() -> None:
         incr_body()
+
+    @app.job()
+    def noop() -> None:
+        nothing_body()
+
+    @app.job()
+    def mark() -> None:
+        mark_body()
 
     @app.job()
     def lat(sent: float) -> None:
@@ -72,5 +96,7 @@ def cli() -> None:
         enqueue_batch=lambda size: app.enqueue_many("incr", [{}] * size),
         send_latency=lambda sent: app.enqueue("lat", {"sent": sent}),
         run_worker=_worker,
+        enqueue_noops=lambda size: app.enqueue_many("noop", [{}] * size),
+        enqueue_mark=lambda: app.enqueue("mark"),
         queued_bytes=_file_bytes if KIND == "sqlite" else None,
     )
