@@ -2,7 +2,7 @@
 taskiq and celery, on one private redis-server this script starts on a free loopback port.
 
     bash bench/setup.sh                     # once: peers' virtualenvs under bench/.venvs/
-    python bench/run.py                     # full run (~17 min), writes bench/RESULTS.md
+    python bench/run.py                     # full run (~16 min), writes bench/RESULTS.md
     python bench/run.py --quick             # smaller sizes, 1 repetition (~1-2 min)
     python bench/run.py --scale-max 100000  # scenario 5 up to 100k jobs instead of 1M
     python bench/run.py --libs backroom-redis,huey-redis --reps 5
