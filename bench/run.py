@@ -2,7 +2,7 @@
 taskiq and celery, on one private redis-server this script starts on a free loopback port.
 
     bash bench/setup.sh                     # once: peers' virtualenvs under bench/.venvs/
-    python bench/run.py                     # full run (~15 min), writes bench/RESULTS.md
+    python bench/run.py                     # full run (~16 min), writes bench/RESULTS.md
     python bench/run.py --quick             # smaller sizes, 1 repetition (~1-2 min)
     python bench/run.py --scale-max 100000  # scenario 5 up to 100k jobs instead of 1M
     python bench/run.py --libs backroom-redis,huey-redis --reps 5
@@ -22,14 +22,19 @@ and the min-max spread. One session per library and repetition, on an emptied Re
      (its first line's clock - the clock just before enqueue); p50/p99 in ms;
   6. many workers: on an emptied store, a backlog through the batch path (one call per job
      where there is none), then 4 worker processes at once on that one Redis (or SQLite file);
-     the total steady rate from the moment all 4 have run a job.
+     the total steady rate from the moment all 4 have run a job;
+  7. drain of no-op jobs: on an emptied store, one marker job, N no-op jobs (body: `pass`) and
+     one marker job, through the batch path; one worker process starts on them as in 3; the
+     figure is N over the time between the markers' clock readings. N is 20,000, or fewer where
+     they would take more than about 2 s to drain (guessed from scenario 3's rate) or 1 s to
+     queue: no-op jobs leave no count behind, so this drain cannot stop at a cap.
 Once per run, after the repetitions, for backroom only (drivers/brscale.py, in-process):
   5. scale: with 1k, 100k and 1M jobs queued and as many finished ones kept, topped up in that
      order, the rate of `app.enqueue` (one call per job) and of `broker.claim` (8 per call, a
      worker's free slots) followed by `broker.ack`; the cost ratio 1M / 1k (target <= 1.3x).
      --scale-max caps the sizes (--quick: 10k, --smoke: 2k; 0 skips the scenario).
-The job body is one Redis INCR (the probe: one RPUSH). Runs in the project's environment;
-peers run in theirs, via bench/drivers/drive.py.
+The job body is one Redis INCR (the probe: one RPUSH), except in 7. Runs in the project's
+environment; peers run in theirs, via bench/drivers/drive.py.
 """
 
 from __future__ import annotations
@@ -62,7 +67,8 @@ DRIVERS = BENCH / "drivers"
 VENVS = BENCH / ".venvs"
 COUNTER = "bench:count"
 LATENCIES = "bench:lat"
-RAN = "bench:ran"  # the pids of the processes that ran a no-op job (drivers/common.py)
+MARKS = "bench:marks"  # the marker jobs' clock readings (drivers/common.py)
+RAN = "bench:ran"  # the pids of the processes that ran an INCR job (drivers/common.py)
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,10 @@ class Sizes:
     scale_max: int  # scenario 5: the largest backlog (0: skipped)
     scale_rounds: int
     scale_per_round: int  # jobs enqueued, then claimed and acked, per round
+    noop_n: int  # scenario 7: up to this many no-op jobs between the two markers ...
+    noop_cap_s: float  # ... or as many as would drain in about this long (from scenario 3) ...
+    noop_fill_cap_s: float  # ... or as many as the batch path queues in this long ...
+    noop_min: int  # ... but at least this many
     latency_gap_s: float = 0.020
     many_workers: int = 4
     scale_claim: int = 8  # jobs per broker.claim: a worker's free slots (--concurrency 8)
@@ -140,15 +150,18 @@ class Sizes:
 FULL = Sizes(reps=3, enqueue_n=20_000, enqueue_cap_s=3.0, batch_n=20_000, batch_cap_s=2.0,
              batch_size=1000, drain_cap_s=5.0, latency_jobs=200, many_n=50_000,
              many_fill_cap_s=3.0, many_cap_s=3.0, scale_max=1_000_000, scale_rounds=9,
-             scale_per_round=500)  # fmt: skip
+             scale_per_round=500, noop_n=20_000, noop_cap_s=2.0, noop_fill_cap_s=1.0,
+             noop_min=500)  # fmt: skip
 QUICK = Sizes(reps=1, enqueue_n=3_000, enqueue_cap_s=1.0, batch_n=3_000, batch_cap_s=0.7,
               batch_size=1000, drain_cap_s=1.5, latency_jobs=50, many_n=5_000,
               many_fill_cap_s=1.0, many_cap_s=1.5, scale_max=10_000, scale_rounds=5,
-              scale_per_round=300)  # fmt: skip
+              scale_per_round=300, noop_n=3_000, noop_cap_s=1.0, noop_fill_cap_s=0.5,
+              noop_min=200)  # fmt: skip
 # the test suite's size: only checks that every scenario still runs
 SMOKE = Sizes(reps=1, enqueue_n=200, enqueue_cap_s=0.5, batch_n=200, batch_cap_s=0.5,
               batch_size=100, drain_cap_s=0.5, latency_jobs=5, many_n=2_000, many_fill_cap_s=0.5,
-              many_cap_s=0.5, scale_max=2_000, scale_rounds=2, scale_per_round=100)  # fmt: skip
+              many_cap_s=0.5, scale_max=2_000, scale_rounds=2, scale_per_round=100, noop_n=200,
+              noop_cap_s=0.5, noop_fill_cap_s=0.5, noop_min=50)  # fmt: skip
 SCALE_POINTS = (1_000, 100_000, 1_000_000)
 
 
@@ -352,6 +365,16 @@ def session(lib: Lib, sizes: Sizes, redis_url: str, logs: Path) -> dict[str, Any
         result["many_drained"] = many["drained"]
         result["many_ran"] = many["ran"]  # workers that ran a job (all of them, normally)
         result["t_many"] = time.monotonic() - t_session
+
+        # 7. drain of no-op jobs between two markers, one worker process
+        empty_store(r, lib, sqlite_dir)
+        n = noop_jobs(sizes, result["drain"], incr_seconds(r))
+        queued = drive(lib, env, "noop", n, sizes.noop_fill_cap_s, sizes.batch_size)["jobs"]
+        first, last, spawned = drain_marks(lib, env, log, r)
+        result["noop"] = queued / (last - first) if last > first else float("nan")
+        result["noop_wall"] = queued / (last - spawned)
+        result["noop_jobs"] = queued
+        result["t_noop"] = time.monotonic() - t_session
     r.close()
     return result
 
@@ -426,6 +449,56 @@ def drain(
     }
 
 
+def noop_jobs(sizes: Sizes, incr_rate: float, incr_s: float) -> int:
+    """Scenario 7's N: sizes.noop_n, or fewer where they would take more than about
+    sizes.noop_cap_s to drain (the slowest peers would take minutes, and a drain of no-op jobs
+    cannot stop at a cap and count what it did), at least sizes.noop_min. The time per no-op
+    job is guessed from scenario 3's rate (time per INCR job) less what the INCR body costs
+    (`incr_s`), but at most 4x faster than scenario 3."""
+    if not incr_rate > 0:  # nan: no rate to size by
+        return sizes.noop_n
+    per_job = max(1 / incr_rate - incr_s, 1 / incr_rate / 4)
+    return max(sizes.noop_min, min(sizes.noop_n, int(sizes.noop_cap_s / per_job)))
+
+
+def incr_seconds(r: redis.Redis, calls: int = 100) -> float:
+    """Wall time of one sync redis-py INCR (the INCR jobs' body) from this process: the
+    median of 3 rounds of `calls`."""
+    rounds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(calls):
+            r.incr("bench:probe")
+        rounds.append((time.perf_counter() - start) / calls)
+    r.delete("bench:probe")
+    return statistics.median(rounds)
+
+
+def drain_marks(
+    lib: Lib, env: dict[str, str], log: Path, r: redis.Redis
+) -> tuple[float, float, float]:
+    """Start one worker process on a backlog that begins and ends with a marker job; wait for
+    both markers' clock readings (CLOCK_MONOTONIC, system-wide on Linux): (first, last, the
+    moment the worker was spawned, on the same clock)."""
+    spawned = time.monotonic()
+    proc = start_worker(lib, env, log)
+    try:
+        while (marks := r.llen(MARKS)) < 2:
+            now = time.monotonic()
+            if marks == 0 and now - spawned > 30:
+                raise RuntimeError(f"{lib.name}: the first marker did not run in 30 s; see {log}")
+            if marks == 1 and now - float(r.lindex(MARKS, 0)) > 60:  # type: ignore[arg-type]
+                raise RuntimeError(f"{lib.name}: the last marker did not run within 60 s of the "
+                                   f"first; see {log}")  # fmt: skip
+            if proc.poll() is not None:
+                raise RuntimeError(f"{lib.name}: the worker exited ({proc.returncode}); see {log}")
+            time.sleep(0.004)
+    finally:
+        stop_worker(proc)
+    first, last = (float(x) for x in r.lrange(MARKS, 0, -1))
+    return first, last, spawned
+
+
 def wait_for_list(
     r: redis.Redis, n: int, timeout_s: float, lib: Lib, worker: subprocess.Popen[bytes], log: Path
 ) -> None:
@@ -472,6 +545,7 @@ FIGURES = [
     ("batch", "batch enqueue", "rate", True),
     ("drain", "drain, 1 worker process", "rate", True),
     ("drain_wall", "drain incl. worker start", "rate", True),
+    ("noop", "drain, no-op jobs, 1 worker process", "rate", True),
     ("p50", "start latency p50", "ms", False),
     ("p99", "start latency p99", "ms", False),
     ("bytes", "bytes per queued job", "bytes", False),
@@ -584,7 +658,7 @@ def sessions_section(
     libs: list[Lib], runs: dict[str, list[dict[str, Any]]], versions: dict[str, str],
     sizes: Sizes,
 ) -> list[str]:  # fmt: skip
-    """Scenarios 1-4 and 6: the main table, and backroom against the best peer."""
+    """Scenarios 1-4, 6 and 7: the main table, and backroom against the best peer."""
     lines = [
         f"- sizes: enqueue up to {sizes.enqueue_n:,} jobs or {sizes.enqueue_cap_s:g} s; batch up "
         f"to {sizes.batch_n:,} in batches of {sizes.batch_size:,} or {sizes.batch_cap_s:g} s; "
@@ -593,8 +667,11 @@ def sessions_section(
         f"{sizes.latency_jobs} latency probes {sizes.latency_gap_s * 1000:.0f} ms apart; "
         f"{sizes.many_workers}-worker drain of up to {sizes.many_n:,} jobs queued through the "
         f"batch path or {sizes.many_fill_cap_s:g} s of it, measured for "
-        f"{sizes.many_cap_s:g} s once every worker has run a job",
-        "- job body: one Redis INCR (sync client); latency probe: clock, then one RPUSH",
+        f"{sizes.many_cap_s:g} s once every worker has run a job; drain of up to "
+        f"{sizes.noop_n:,} no-op jobs between two marker jobs, fewer where they would take more "
+        f"than about {sizes.noop_cap_s:g} s to drain or {sizes.noop_fill_cap_s:g} s to queue",
+        "- job body: one Redis INCR (sync client), except in the no-op drain: none (`pass`), "
+        "and the markers read the clock, then one RPUSH; latency probe: clock, then one RPUSH",
         "",
         "| library (version) | " + " | ".join(title for _, title, _, _ in FIGURES) + " |",
         "| --- | " + " | ".join("---" for _ in FIGURES) + " |",
@@ -612,12 +689,25 @@ def sessions_section(
         "(for SQLite: the database file after a WAL checkpoint). worker RSS: the largest "
         "process of the worker's process tree, sampled every 250 ms while draining. "
         f"drain, {sizes.many_workers} worker processes: started at once on one store (one "
-        "Redis, one SQLite file), the total rate from the moment each of them has run a job.",
+        "Redis, one SQLite file), the total rate from the moment each of them has run a job. "
+        "drain, no-op jobs: on an emptied store, a marker job, the no-op jobs and a marker job, "
+        "queued through the batch path, then one worker process; the no-op jobs over the time "
+        "between the markers' clock readings. No-op jobs per library (sized by the INCR "
+        "drain's rate; median of the runs): " + noop_counts(libs, runs) + ".",
     ]
     lines += many_notes(libs, runs, sizes)
     lines.append("")
     lines += ratio_section(libs, runs)
     return lines
+
+
+def noop_counts(libs: list[Lib], runs: dict[str, list[dict[str, Any]]]) -> str:
+    counts = []
+    for lib in libs:
+        queued = [r["noop_jobs"] for r in runs.get(lib.name, []) if "noop_jobs" in r]
+        if queued:
+            counts.append(f"{lib.label} {statistics.median(queued):,.0f}")
+    return "; ".join(counts) or "—"
 
 
 def many_notes(libs: list[Lib], runs: dict[str, list[dict[str, Any]]], sizes: Sizes) -> list[str]:
@@ -706,14 +796,14 @@ def count_label_approx(n: int) -> str:
 
 
 TARGETS = {  # figure -> (target ratio or absolute, text)
-    ("redis", "drain"): "≥ 5× (≈ 9k/s)",
+    ("redis", "noop"): "≥ 5× (≈ 9k/s)",
     ("redis", "enqueue"): "≥ 2× (≈ 13k/s)",
     ("redis", "batch"): "≥ 5× (≈ 66k/s)",
     ("redis", "p50"): "≤ 0.6 ms",
     ("redis", "p99"): "≤ 2 ms",
     ("redis", "bytes"): "≤ 200 B",
     ("redis", "rss"): "≤ 40 MB",
-    ("sqlite", "drain"): "≥ 5× (≈ 10k/s)",
+    ("sqlite", "noop"): "≥ 5× (≈ 10k/s)",
     ("sqlite", "enqueue"): "≥ 2× (≈ 8k/s)",
 }
 

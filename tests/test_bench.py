@@ -23,9 +23,10 @@ def test_every_scenario_runs_at_smoke_size(tmp_path: Path) -> None:
     data = json.loads(raw.read_text())
     for lib in LIBS:
         [run] = data["runs"][lib]
-        # scenarios 1-4 and 6 (4 worker processes on one store)
-        for figure in ("enqueue", "batch", "drain", "p50", "p99", "bytes", "rss", "many"):
+        # scenarios 1-4, 6 (4 worker processes on one store) and 7 (no-op jobs)
+        for figure in ("enqueue", "batch", "drain", "p50", "p99", "bytes", "rss", "many", "noop"):
             assert run[figure] > 0, (lib, figure, run)
+        assert run["noop_jobs"] > 0
         assert run["many_drained"] > 0
         assert 1 <= run["many_ran"] <= 4  # all 4, unless the first drained the tiny backlog
         # scenario 5: backroom at two backlog sizes, in increasing order, topped up between
@@ -36,6 +37,7 @@ def test_every_scenario_runs_at_smoke_size(tmp_path: Path) -> None:
             assert point["enqueue"] > 0 and point["claim"] > 0
     text = report.read_text()
     assert "drain, 4 worker processes" in text
+    assert "drain, no-op jobs, 1 worker process" in text
     assert "## Scale: backroom with a growing backlog" in text
     assert "| cost 2k / 1k | target |" in text
     assert "## Failures" not in text

@@ -10,14 +10,22 @@ from typing import Any
 
 import arq
 from arq.connections import RedisSettings
-from common import REDIS_URL, latency_body, main, noop_body
+from common import REDIS_URL, incr_body, latency_body, main, mark_body, nothing_body
 
 POLL = float(os.environ.get("BENCH_ARQ_POLL", "0.01"))
 pool: Any = None
 
 
 async def incr(ctx: Any) -> None:
-    noop_body()
+    incr_body()
+
+
+async def noop(ctx: Any) -> None:
+    nothing_body()
+
+
+async def mark(ctx: Any) -> None:
+    mark_body()
 
 
 async def lat(ctx: Any, sent: float) -> None:
@@ -25,7 +33,7 @@ async def lat(ctx: Any, sent: float) -> None:
 
 
 class WorkerSettings:
-    functions = (incr, lat)
+    functions = (incr, noop, mark, lat)
     redis_settings = RedisSettings.from_dsn(REDIS_URL)
     poll_delay = POLL
     keep_result = 0  # peers store no result for a job that returns None
@@ -40,8 +48,8 @@ async def _teardown() -> None:
     await pool.aclose()
 
 
-async def _batch(size: int) -> None:
-    await asyncio.gather(*(pool.enqueue_job("incr") for _ in range(size)))
+async def _batch(size: int, name: str = "incr") -> None:
+    await asyncio.gather(*(pool.enqueue_job(name) for _ in range(size)))
 
 
 def _worker() -> None:
@@ -63,4 +71,6 @@ def cli() -> None:
         enqueue_batch=_batch,
         send_latency=lambda sent: pool.enqueue_job("lat", sent),
         run_worker=_worker,
+        enqueue_noops=lambda size: _batch(size, "noop"),
+        enqueue_mark=lambda: pool.enqueue_job("mark"),
     )

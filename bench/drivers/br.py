@@ -12,7 +12,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.environ.get("BENCH_BACKROOM_SRC") or os.path.dirname(os.path.dirname(HERE)))
 
 import backroom  # noqa: E402
-from common import REDIS_URL, SQLITE_DIR, latency_body, main, noop_body  # noqa: E402
+from common import (  # noqa: E402
+    REDIS_URL,
+    SQLITE_DIR,
+    incr_body,
+    latency_body,
+    main,
+    mark_body,
+    nothing_body,
+)
 
 KIND = os.environ.get("BENCH_BACKROOM", "redis")
 DB = os.path.join(SQLITE_DIR, "backroom.db")
@@ -25,7 +33,15 @@ if os.environ.get("BENCH_BACKROOM_ASYNC") == "1":
 
     @app.job()
     async def incr() -> None:
-        noop_body()
+        incr_body()
+
+    @app.job()
+    async def noop() -> None:
+        nothing_body()
+
+    @app.job()
+    async def mark() -> None:
+        mark_body()
 
     @app.job()
     async def lat(sent: float) -> None:
@@ -35,7 +51,15 @@ else:
 
     @app.job()
     def incr() -> None:
-        noop_body()
+        incr_body()
+
+    @app.job()
+    def noop() -> None:
+        nothing_body()
+
+    @app.job()
+    def mark() -> None:
+        mark_body()
 
     @app.job()
     def lat(sent: float) -> None:
@@ -72,5 +96,7 @@ def cli() -> None:
         enqueue_batch=lambda size: app.enqueue_many("incr", [{}] * size),
         send_latency=lambda sent: app.enqueue("lat", {"sent": sent}),
         run_worker=_worker,
+        enqueue_noops=lambda size: app.enqueue_many("noop", [{}] * size),
+        enqueue_mark=lambda: app.enqueue("mark"),
         queued_bytes=_file_bytes if KIND == "sqlite" else None,
     )

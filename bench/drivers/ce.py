@@ -7,7 +7,7 @@ import os
 import sys
 
 import celery
-from common import REDIS_URL, latency_body, main, noop_body
+from common import REDIS_URL, incr_body, latency_body, main, mark_body, nothing_body
 
 POOL = os.environ.get("BENCH_CELERY_POOL", "solo")
 app = celery.Celery("ce", broker=REDIS_URL)
@@ -18,7 +18,17 @@ app.conf.broker_connection_retry_on_startup = True
 
 @app.task
 def incr() -> None:
-    noop_body()
+    incr_body()
+
+
+@app.task
+def noop() -> None:
+    nothing_body()
+
+
+@app.task
+def mark() -> None:
+    mark_body()
 
 
 @app.task
@@ -41,4 +51,6 @@ def cli() -> None:
         enqueue_batch=lambda size: celery.group(incr.s() for _ in range(size))(),
         send_latency=lambda sent: lat.delay(sent),
         run_worker=_worker,
+        enqueue_noops=lambda size: celery.group(noop.s() for _ in range(size))(),
+        enqueue_mark=lambda: mark.delay(),
     )

@@ -7,7 +7,7 @@ import os
 import sys
 
 import dramatiq
-from common import REDIS_URL, latency_body, main, noop_body
+from common import REDIS_URL, incr_body, latency_body, main, mark_body, nothing_body
 from dramatiq.brokers.redis import RedisBroker
 
 THREADS = os.environ.get("BENCH_DRAMATIQ_THREADS", "8")
@@ -17,12 +17,27 @@ dramatiq.set_broker(broker)
 
 @dramatiq.actor(max_retries=0)
 def incr() -> None:
-    noop_body()
+    incr_body()
+
+
+@dramatiq.actor(max_retries=0)
+def noop() -> None:
+    nothing_body()
+
+
+@dramatiq.actor(max_retries=0)
+def mark() -> None:
+    mark_body()
 
 
 @dramatiq.actor(max_retries=0)
 def lat(sent: float) -> None:
     latency_body(sent)
+
+
+def _noops(size: int) -> None:
+    for _ in range(size):  # no batch path
+        noop.send()
 
 
 def _worker() -> None:
@@ -37,4 +52,6 @@ def cli() -> None:
         enqueue_batch=None,
         send_latency=lambda sent: lat.send(sent),
         run_worker=_worker,
+        enqueue_noops=_noops,
+        enqueue_mark=lambda: mark.send(),
     )

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 import huey
-from common import REDIS_URL, SQLITE_DIR, latency_body, main, noop_body
+from common import REDIS_URL, SQLITE_DIR, incr_body, latency_body, main, mark_body, nothing_body
 
 KIND = os.environ.get("BENCH_HUEY", "redis")
 DB = os.path.join(SQLITE_DIR, "huey.db")
@@ -21,7 +21,17 @@ else:
 
 @queue.task()
 def incr() -> None:
-    noop_body()
+    incr_body()
+
+
+@queue.task()
+def noop() -> None:
+    nothing_body()
+
+
+@queue.task()
+def mark() -> None:
+    mark_body()
 
 
 @queue.task()
@@ -51,5 +61,7 @@ def cli() -> None:
         enqueue_batch=lambda size: incr.map([()] * size),
         send_latency=lambda sent: lat(sent),
         run_worker=_worker,
+        enqueue_noops=lambda size: noop.map([()] * size),
+        enqueue_mark=lambda: mark(),
         queued_bytes=_file_bytes if KIND == "sqlite" else None,
     )

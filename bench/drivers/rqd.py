@@ -4,15 +4,24 @@ Batch path: `Queue.enqueue_many` (one pipeline). BENCH_RQ_WORKER=fork uses the f
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import rq
-from common import client, latency_body, main, noop_body
+from common import client, incr_body, latency_body, main, mark_body, nothing_body
 
 KIND = os.environ.get("BENCH_RQ_WORKER", "simple")
 
 
 def incr() -> None:
-    noop_body()
+    incr_body()
+
+
+def noop() -> None:
+    nothing_body()
+
+
+def mark() -> None:
+    mark_body()
 
 
 def lat(sent: float) -> None:
@@ -31,9 +40,9 @@ def _setup() -> None:
     _q = _queue()
 
 
-def _batch(size: int) -> None:
+def _batch(size: int, func: Any = incr) -> None:
     assert _q is not None
-    _q.enqueue_many([rq.Queue.prepare_data(incr) for _ in range(size)])
+    _q.enqueue_many([rq.Queue.prepare_data(func) for _ in range(size)])
 
 
 def _worker() -> None:
@@ -52,4 +61,6 @@ def cli() -> None:
         enqueue_batch=_batch,
         send_latency=lambda sent: _q.enqueue(lat, sent),  # type: ignore[union-attr]
         run_worker=_worker,
+        enqueue_noops=lambda size: _batch(size, noop),
+        enqueue_mark=lambda: _q.enqueue(mark),  # type: ignore[union-attr]
     )

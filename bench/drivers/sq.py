@@ -8,29 +8,37 @@ import os
 from typing import Any
 
 import saq
-from common import REDIS_URL, latency_body, main, noop_body
+from common import REDIS_URL, incr_body, latency_body, main, mark_body, nothing_body
 
 CONCURRENCY = int(os.environ.get("BENCH_SAQ_CONCURRENCY", "10"))
 queue = saq.Queue.from_url(REDIS_URL)
 
 
 async def incr(ctx: Any) -> None:
-    noop_body()
+    incr_body()
+
+
+async def noop(ctx: Any) -> None:
+    nothing_body()
+
+
+async def mark(ctx: Any) -> None:
+    mark_body()
 
 
 async def lat(ctx: Any, *, sent: float) -> None:
     latency_body(sent)
 
 
-settings = {"queue": queue, "functions": [incr, lat], "concurrency": CONCURRENCY}
+settings = {"queue": queue, "functions": [incr, noop, mark, lat], "concurrency": CONCURRENCY}
 
 
 async def _setup() -> None:
     await queue.connect()
 
 
-async def _batch(size: int) -> None:
-    await asyncio.gather(*(queue.enqueue("incr") for _ in range(size)))
+async def _batch(size: int, name: str = "incr") -> None:
+    await asyncio.gather(*(queue.enqueue(name) for _ in range(size)))
 
 
 def _worker() -> None:
@@ -54,4 +62,6 @@ def cli() -> None:
         enqueue_batch=_batch,
         send_latency=lambda sent: queue.enqueue("lat", sent=sent),
         run_worker=_worker,
+        enqueue_noops=lambda size: _batch(size, "noop"),
+        enqueue_mark=lambda: queue.enqueue("mark"),
     )

@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from typing import Any
 
-from common import REDIS_URL, latency_body, main, noop_body
+from common import REDIS_URL, incr_body, latency_body, main, mark_body, nothing_body
 from taskiq_redis import ListQueueBroker
 
 broker = ListQueueBroker(REDIS_URL)
@@ -16,7 +17,17 @@ broker = ListQueueBroker(REDIS_URL)
 
 @broker.task
 async def incr() -> None:
-    noop_body()
+    incr_body()
+
+
+@broker.task
+async def noop() -> None:
+    nothing_body()
+
+
+@broker.task
+async def mark() -> None:
+    mark_body()
 
 
 @broker.task
@@ -24,8 +35,8 @@ async def lat(sent: float) -> None:
     latency_body(sent)
 
 
-async def _batch(size: int) -> None:
-    await asyncio.gather(*(incr.kiq() for _ in range(size)))
+async def _batch(size: int, task: Any = incr) -> None:
+    await asyncio.gather(*(task.kiq() for _ in range(size)))
 
 
 def _worker() -> None:
@@ -48,4 +59,6 @@ def cli() -> None:
         enqueue_batch=_batch,
         send_latency=lambda sent: lat.kiq(sent),
         run_worker=_worker,
+        enqueue_noops=lambda size: _batch(size, noop),
+        enqueue_mark=lambda: mark.kiq(),
     )
