@@ -796,14 +796,15 @@ def count_label_approx(n: int) -> str:
 
 
 TARGETS = {  # figure -> (target ratio or absolute, text)
-    ("redis", "noop"): "≥ 5× (≈ 9k/s)",
+    # the issue's "≈ 9k/s" and "≈ 10k/s" were 5x the peers' INCR drains; this row is no-op jobs
+    ("redis", "noop"): "≥ 5× the best peer",
     ("redis", "enqueue"): "≥ 2× (≈ 13k/s)",
     ("redis", "batch"): "≥ 5× (≈ 66k/s)",
     ("redis", "p50"): "≤ 0.6 ms",
     ("redis", "p99"): "≤ 2 ms",
     ("redis", "bytes"): "≤ 200 B",
     ("redis", "rss"): "≤ 40 MB",
-    ("sqlite", "noop"): "≥ 5× (≈ 10k/s)",
+    ("sqlite", "noop"): "≥ 5× the best peer",
     ("sqlite", "enqueue"): "≥ 2× (≈ 8k/s)",
 }
 
