@@ -173,13 +173,11 @@ def decode_json(data: bytes | str | None) -> JSON:
 
 def new_id() -> str:
     """A 23-character id that sorts by creation time (microseconds, then 40 random bits)."""
-    return f"{time.time_ns() // 1000:013x}{int.from_bytes(os.urandom(5), 'big'):010x}"
+    return f"{time.time_ns() // 1000:013x}{os.urandom(5).hex()}"  # hex(): 10 digits, big-endian
 
 
 def new_ids(count: int) -> list[str]:
     """`count` ids as new_id makes them, from one read of the system's randomness."""
-    noise = os.urandom(5 * count)
-    micros = time.time_ns() // 1000
-    return [
-        f"{micros:013x}{int.from_bytes(noise[5 * i : 5 * i + 5], 'big'):010x}" for i in range(count)
-    ]
+    noise = os.urandom(5 * count).hex()
+    micros = f"{time.time_ns() // 1000:013x}"
+    return [micros + noise[10 * i : 10 * i + 10] for i in range(count)]
