@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from types import TracebackType
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -164,6 +165,48 @@ def _attempt_token() -> str:
     return os.urandom(6).hex()
 
 
+class _Transaction:
+    """SQLiteBroker._tx: under the broker's lock, BEGIN IMMEDIATE (retried while the database
+    is locked), then COMMIT, or ROLLBACK on any exception (an SQLite error surfaces as
+    BrokerError); local waiters are woken after a commit. A class, not a @contextmanager
+    generator: every broker call is one transaction, and the generator's machinery was a few
+    microseconds of each single enqueue."""
+
+    __slots__ = ("broker",)
+
+    def __init__(self, broker: SQLiteBroker) -> None:
+        self.broker = broker
+
+    def __enter__(self) -> sqlite3.Connection:
+        broker = self.broker
+        broker._lock.acquire()
+        try:
+            broker._retry_busy(broker._begin)
+        except BaseException as exc:
+            broker._lock.release()
+            if isinstance(exc, sqlite3.Error):
+                raise broker._error(exc) from None
+            raise
+        return broker._db
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        broker = self.broker
+        try:
+            if exc is not None:
+                broker._abort(exc)  # returns only to let `exc` go on as it is
+                return
+            try:
+                broker._db.execute("COMMIT")
+            except BaseException as error:
+                broker._abort(error)
+                raise
+        finally:
+            broker._lock.release()
+        broker._committed()
+
+
 class SQLiteBroker(Broker):
     """One connection per broker, guarded by a lock (SQLite serializes writers anyway). Safe to
     share between threads; several processes may open the same file."""
@@ -227,24 +270,22 @@ class SQLiteBroker(Broker):
         return fn()
 
     # -- transactions ---------------------------------------------------------------------------
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self) -> _Transaction:
         """One BEGIN IMMEDIATE transaction; `database is locked` is retried, never surfaced
         under normal contention. Local waiters are woken after a commit."""
-        with self._lock:
-            try:
-                self._retry_busy(lambda: self._db.execute("BEGIN IMMEDIATE"))
-            except sqlite3.Error as exc:
-                raise self._error(exc) from None
-            try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException as exc:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
-                    raise self._error(exc) from None
-                raise
+        return _Transaction(self)
+
+    def _begin(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def _abort(self, exc: BaseException) -> None:
+        """Roll back after `exc`; raises it as BrokerError when it is an SQLite error."""
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise self._error(exc) from None
+
+    def _committed(self) -> None:
         with self._local_change:
             self._version += 1
             self._local_change.notify_all()
