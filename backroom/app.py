@@ -287,7 +287,7 @@ class App:
                 raise InvalidPayload(spec.name, None, f"nests more than {MAX_NESTING} levels deep")
         elif isinstance(body, Mapping) and too_deep(dict(body)):
             raise InvalidPayload(spec.name, None, f"nests more than {MAX_NESTING} levels deep")
-        spec.validate(body)
+        spec.check(body)
         self.check_size(spec.name, body)
         return self.sign(msgspec.structs.replace(template, id=job_id, payload=dict(body)))
 

@@ -58,6 +58,13 @@ class JobSpec:
         except pydantic.ValidationError as exc:
             raise _invalid(self.name, exc) from None
 
+    def check(self, payload: object) -> None:
+        """`validate` for a caller that needs no converted payload (the producer). A job without
+        parameters has a model without fields or validators, which accepts an empty dict and
+        nothing else: that one needs no model built."""
+        if self.parameters or type(payload) is not dict or payload:
+            self.validate(payload)
+
     def arguments(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         """The keyword arguments to call the function with: the payload, validated and converted."""
         model = self.validate(payload)
