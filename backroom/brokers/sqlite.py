@@ -107,6 +107,10 @@ CREATE TABLE IF NOT EXISTS workers (id TEXT PRIMARY KEY, info BLOB NOT NULL,
 INSERT_JOB = """INSERT INTO jobs (id, job, queue, state, priority, due_at, expires, envelope,
     max_retries, unique_key, unique_for, created_at, queued_at)
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+COUNT_SQL = (
+    "INSERT INTO counts (job, queue, state, n) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (job, queue, state) DO UPDATE SET n = n + excluded.n"
+)
 SELECT_READY = """SELECT seq, id, job, queue, envelope, attempts, expires, queued_at, unique_key,
     unique_for FROM jobs WHERE state = 'queued' AND queue = ?
     ORDER BY priority DESC, seq LIMIT ?"""
@@ -181,7 +185,10 @@ class _Transaction:
         broker = self.broker
         broker._lock.acquire()
         try:
-            broker._retry_busy(broker._begin)
+            try:  # _retry_busy's first attempt, made here: what nearly every call needs
+                broker._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                broker._retry_busy(broker._begin, exc)
         except BaseException as exc:
             broker._lock.release()
             if isinstance(exc, sqlite3.Error):
@@ -259,14 +266,19 @@ class SQLiteBroker(Broker):
             # executescript commits on its own; each CREATE is idempotent.
             self._retry_busy(lambda: self._db.executescript(SCHEMA + sqlite_stats.STATS_SCHEMA))
 
-    def _retry_busy(self, fn: Any) -> Any:
+    def _retry_busy(self, fn: Any, failed: sqlite3.OperationalError | None = None) -> Any:
+        """fn(), tried again with back-off while the database is locked or busy. `failed` is
+        the error of a first try the caller made itself: it counts as the first attempt."""
         for attempt in range(MAX_BUSY_RETRIES):
-            try:
-                return fn()
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise
-                time.sleep(min(0.01 * 2**attempt, 1.0))
+            if failed is None:
+                try:
+                    return fn()
+                except sqlite3.OperationalError as exc:
+                    failed = exc
+            if "locked" not in str(failed) and "busy" not in str(failed):
+                raise failed
+            time.sleep(min(0.01 * 2**attempt, 1.0))
+            failed = None
         return fn()
 
     # -- transactions ---------------------------------------------------------------------------
@@ -309,11 +321,11 @@ class SQLiteBroker(Broker):
     # -- bookkeeping inside a transaction ---------------------------------------------------------
     @staticmethod
     def _count(db: sqlite3.Connection, deltas: Mapping[tuple[str, str, str], int]) -> None:
-        db.executemany(
-            "INSERT INTO counts (job, queue, state, n) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (job, queue, state) DO UPDATE SET n = n + excluded.n",
-            [(job, queue, state, n) for (job, queue, state), n in deltas.items() if n],
-        )
+        rows = [(job, queue, state, n) for (job, queue, state), n in deltas.items() if n]
+        if len(rows) == 1:  # the usual case (one enqueue): execute costs less than executemany
+            db.execute(COUNT_SQL, rows[0])
+        else:
+            db.executemany(COUNT_SQL, rows)
 
     @staticmethod
     def _time(db: sqlite3.Connection, samples: Iterable[tuple[str, str, float]]) -> None:
