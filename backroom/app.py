@@ -111,6 +111,8 @@ class App:
         self.redactor = Redactor(secret_fields)
         self._broker: Broker | None = None
         self._broker_lock = threading.Lock()
+        # job -> (spec, source, template but created_at) of a call without keywords: _template
+        self._plain: dict[str, tuple[JobSpec, str, Envelope]] = {}
         self.failure_hooks: list[Hook] = []
         self.reject_hooks: list[Hook] = []
         self.dead_hooks: list[Hook] = []
@@ -221,12 +223,25 @@ class App:
         """Check and build one envelope (without storing it). Raises UnknownJob,
         SourceNotAllowed, InvalidPayload or PayloadTooLarge naming what was wrong; the keywords
         are `Options`."""
-        spec, fields = self._template(job, options)
-        return self._envelope(spec, fields, payload, new_id())
+        spec, template = self._template(job, options)
+        return self._envelope(spec, template, payload, new_id())
 
-    def _template(self, job: str, options: Options) -> tuple[JobSpec, dict[str, Any]]:
+    def _template(self, job: str, options: Options) -> tuple[JobSpec, Envelope]:
         """What the envelopes of one call share, checked once: the job, its source and the
-        options (enqueue_many builds a thousand envelopes from one)."""
+        options, as an envelope without id and payload (enqueue_many builds a thousand
+        envelopes from one; `_envelope` fills in each, which costs less than building anew)."""
+        if not options:  # the usual call: all but the clock depends on the job and source alone
+            spec = self.registry.get(job)
+            source = self.source
+            plain = self._plain.get(job)
+            if plain is None or plain[0] is not spec or plain[1] != source:
+                spec.check_source(source)
+                shared = Envelope(
+                    id="", job=job, source=source, tags=_tags(spec.tags, ()), queue=spec.queue,
+                    priority=spec.priority, max_retries=spec.retries, timeout=spec.timeout,
+                )  # fmt: skip
+                plain = self._plain[job] = (spec, source, shared)
+            return spec, msgspec.structs.replace(plain[2], created_at=time.time())
         unknown = options.keys() - OPTION_NAMES
         if unknown:
             raise TypeError(f"unexpected keyword {sorted(unknown)[0]!r}; the options are "
@@ -240,37 +255,41 @@ class App:
         now = options.get("now")
         unique_key, priority = options.get("unique_key"), options.get("priority")
         created = time.time() if now is None else now
-        fields = {
-            "job": job,
-            "source": source,
-            "tags": _tags(spec.tags, options.get("tags", ())),
-            "queue": options.get("queue") or spec.queue,
-            "priority": spec.priority if priority is None else int(priority),
-            "max_retries": spec.retries,
-            "timeout": spec.timeout,
-            "eta": _eta(options.get("delay"), options.get("at"), created),
-            "expires": _expires(options.get("expires"), created),
-            "unique_key": unique_key,
-            "unique_for": _unique_for(options.get("unique_for"), unique_key),
-            "then": then,
-            "created_at": created,
-        }
-        return spec, fields
+        template = Envelope(
+            id="",
+            job=job,
+            source=source,
+            tags=_tags(spec.tags, options.get("tags", ())),
+            queue=options.get("queue") or spec.queue,
+            priority=spec.priority if priority is None else int(priority),
+            max_retries=spec.retries,
+            timeout=spec.timeout,
+            eta=_eta(options.get("delay"), options.get("at"), created),
+            expires=_expires(options.get("expires"), created),
+            unique_key=unique_key,
+            unique_for=_unique_for(options.get("unique_for"), unique_key),
+            then=then,
+            created_at=created,
+        )
+        return spec, template
 
     def _envelope(
         self,
         spec: JobSpec,
-        fields: dict[str, Any],
+        template: Envelope,
         payload: Mapping[str, Any] | None,
         job_id: str,
     ) -> Envelope:
-        """One payload, checked, in an envelope of `_template`'s fields, signed."""
+        """One payload, checked, in `_template`'s envelope under its id, signed."""
         body = {} if payload is None else payload
-        if isinstance(body, Mapping) and too_deep(dict(body)):
+        if type(body) is dict:  # too_deep only reads it: no copy
+            if body and too_deep(body):
+                raise InvalidPayload(spec.name, None, f"nests more than {MAX_NESTING} levels deep")
+        elif isinstance(body, Mapping) and too_deep(dict(body)):
             raise InvalidPayload(spec.name, None, f"nests more than {MAX_NESTING} levels deep")
-        spec.validate(body)
+        spec.check(body)
         self.check_size(spec.name, body)
-        return self.sign(Envelope(id=job_id, payload=dict(body), **fields))
+        return self.sign(msgspec.structs.replace(template, id=job_id, payload=dict(body)))
 
     def sign(self, envelope: Envelope) -> Envelope:
         """Sign with the newest key of the envelope's source. Unchanged when no keys are
@@ -295,7 +314,8 @@ class App:
     ) -> Handle:
         """Check and enqueue one job; returns its Handle (the existing job's, when `unique_key`
         is held by a live job). See `envelope` for the keywords."""
-        envelope = self.envelope(job, payload, **options)
+        spec, template = self._template(job, options)  # as `envelope` does, minus a call
+        envelope = self._envelope(spec, template, payload, new_id())
         [job_id] = self.broker.enqueue([envelope], now=options.get("now"))
         return Handle(self, job_id)
 
@@ -304,13 +324,13 @@ class App:
     ) -> list[Handle]:
         """Check every payload first (one bad payload raises before anything is stored), then
         enqueue them all in one broker round trip. Handles come back in order."""
-        spec, fields = self._template(job, options)
+        spec, template = self._template(job, options)
         payloads = list(payloads)
         ids = new_ids(len(payloads))
         envelopes = []
         for index, (payload, job_id) in enumerate(zip(payloads, ids, strict=True)):
             try:
-                envelopes.append(self._envelope(spec, fields, payload, job_id))
+                envelopes.append(self._envelope(spec, template, payload, job_id))
             except InvalidPayload as exc:
                 raise InvalidPayload(job, exc.field, f"{exc.problem} (payload #{index})") from None
         ids = self.broker.enqueue(envelopes, now=options.get("now")) if envelopes else []

@@ -46,14 +46,24 @@ class JobSpec:
 
     def validate(self, payload: object) -> pydantic.BaseModel:
         """Check a payload against the type hints; InvalidPayload names the first bad field."""
-        if not isinstance(payload, Mapping):
-            raise InvalidPayload(
-                self.name, None, f"expects a JSON object, got {_describe(payload)}"
-            )
-        try:
-            return self.model.model_validate(dict(payload))
+        if type(payload) is not dict:  # a dict is read as is (validation never changes it)
+            if not isinstance(payload, Mapping):
+                raise InvalidPayload(
+                    self.name, None, f"expects a JSON object, got {_describe(payload)}"
+                )
+            payload = dict(payload)
+        try:  # what model_validate calls, without its wrapper: this runs on every enqueue
+            model: pydantic.BaseModel = self.model.__pydantic_validator__.validate_python(payload)
+            return model
         except pydantic.ValidationError as exc:
             raise _invalid(self.name, exc) from None
+
+    def check(self, payload: object) -> None:
+        """`validate` for a caller that needs no converted payload (the producer). A job without
+        parameters has a model without fields or validators, which accepts an empty dict and
+        nothing else: that one needs no model built."""
+        if self.parameters or type(payload) is not dict or payload:
+            self.validate(payload)
 
     def arguments(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         """The keyword arguments to call the function with: the payload, validated and converted."""

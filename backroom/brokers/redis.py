@@ -10,7 +10,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -25,6 +25,7 @@ from redis.exceptions import (
     ResponseError,
     TimeoutError,
 )
+from redis.utils import HIREDIS_AVAILABLE
 
 from backroom.brokers.base import (
     FAILURE_MESSAGE_CHARS,
@@ -69,6 +70,16 @@ MAX_BLOCK_S = 5.0  # no blocking read asks for more (the socket timeout is 10 s)
 OFFER_S = 5.0
 _worker_decoder = msgspec.json.Decoder(dict[str, Any])
 
+# What redis-py packs a command with when hiredis is there (the same bytes as its own packer),
+# called without the per-call argument checks that cost more than the packing itself.
+_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    from hiredis import pack_command
+
+    _pack = pack_command if HIREDIS_AVAILABLE else None
+except ImportError:  # pragma: no cover - redis[hiredis] is a dependency
+    _pack = None
+
 
 def _now(now: float | None) -> float:
     return time.time() if now is None else now
@@ -83,7 +94,15 @@ def _escape(queue: str) -> str:
 
 
 def _command(connection: AbstractConnection, *args: Any) -> Any:
-    connection.send_command(*args)  # type: ignore[no-untyped-call]
+    """Send one command and read its reply, packed as redis-py's send_command packs it."""
+    packed: Sequence[bytes]
+    try:
+        if _pack is None:
+            raise TypeError
+        packed = (_pack(args),)
+    except TypeError:  # no hiredis; a bytearray, or a type redis-py refuses (DataError)
+        packed = connection.pack_command(*args)  # type: ignore[no-untyped-call]
+    connection.send_packed_command(packed)  # type: ignore[no-untyped-call]
     return connection.read_response()
 
 
