@@ -7,7 +7,6 @@ takes its jobs, or stops, loses none. A real redis-server on loopback (the sessi
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from contextlib import closing
 
@@ -31,6 +30,12 @@ def broker(redis_server: str) -> Iterator[RedisBroker]:
         opened.purge()
         yield opened
         opened.purge()
+
+
+def _inbox(broker: RedisBroker, worker: str) -> list[bytes]:
+    """What waits in a worker's inbox: b"" is a wake-up, anything else jobs handed over."""
+    client = redis.Redis.from_url(broker.url.split("?")[0])
+    return list(client.lrange("{" + broker.prefix + "}:i:" + worker, 0, -1))
 
 
 def _offer(broker: RedisBroker, worker: str = "w1", limit: int = 4, now: float = T) -> None:
@@ -154,17 +159,10 @@ def test_a_paused_queue_hands_nothing_over_and_its_resume_wakes_the_waiting_work
     job_id = broker.enqueue([envelope_for("resize_video")], now=T + 1)[0]
     record = broker.get(job_id)
     assert record is not None and record.state == State.QUEUED
-    woke = threading.Event()
-
-    def wait() -> None:
-        assert broker.wait_for_work(["default"], 30.0, "w1") == []  # a wake-up, no jobs
-        woke.set()
-
-    waiter = threading.Thread(target=wait, daemon=True)
-    waiter.start()
     broker.resume("default")
-    assert woke.wait(20), "resume did not wake the worker waiting on the paused queue"
-    waiter.join(5)
+    # a wake-up waits in its inbox (a wait would end after MAX_BLOCK_S even without one)
+    assert _inbox(broker, "w1") == [b""]
+    assert broker.wait_for_work(["default"], 30.0, "w1") == []  # a wake-up, no jobs
     assert [c.id for c in broker.claim(["default"], "w1", 30, 4, now=T + 2)] == [job_id]
 
 
@@ -173,6 +171,7 @@ def test_a_job_queued_again_wakes_a_worker_with_an_offer(broker: RedisBroker) ->
     claim = broker.claim(["default"], "w1", 30, 1, now=T)[0]
     _offer(broker, worker="w2", now=T + 1)
     assert broker.release([claim], now=T + 2) == 1
+    assert _inbox(broker, "w2") == [b""]
     assert broker.wait_for_work(["default"], 5.0, "w2") == []  # a wake-up: claim again
     assert [c.id for c in broker.claim(["default"], "w2", 30, 4, now=T + 3)] == [claim.id]
 
@@ -182,6 +181,7 @@ def test_a_job_past_its_expiry_when_handed_over_ends_expired_and_the_worker_is_w
 ) -> None:
     _offer(broker)
     job_id = broker.enqueue([envelope_for("resize_video", expires=T)], now=T + 1)[0]
+    assert _inbox(broker, "w1") == [b""]  # its offer is used: it must claim again
     assert broker.wait_for_work(["default"], 1.0, "w1") == []
     record = broker.get(job_id)
     assert record is not None and (record.state, record.reason) == (State.CANCELLED, "expired")
@@ -197,5 +197,4 @@ def test_each_idle_worker_gets_its_own_job_instead_of_all_waking_for_one(
     got = {w: [c.id for c in broker.wait_for_work(["default"], 1.0, w)] for w in ("w1", "w2", "w3")}
     assert sorted(i for handed in got.values() for i in handed) == sorted(ids)
     assert all(len(handed) == 1 for handed in got.values())
-    client = redis.Redis.from_url(redis_server)
-    assert client.hlen("{handoff}:o") == 0  # every offer served once
+    assert redis.Redis.from_url(redis_server).hlen("{handoff}:o") == 0  # each served once
