@@ -117,7 +117,7 @@ class _Running:
 _OK, _FAILED = True, False
 # what one wait of the waiter thread yields: jobs it rejected, and jobs handed over to this
 # worker that it left to the loop to take in
-_Waited = tuple[list[tuple[Claim, "Rejected"]], list[Claim]]
+_Waited = tuple[list[tuple[Claim, Rejected]], list[Claim]]
 
 
 class Worker:
@@ -370,11 +370,7 @@ class Worker:
             with contextlib.suppress(Exception):
                 self.broker.release(claims)
             return [], []
-        rejected: list[tuple[Claim, Rejected]] = []
-        if idle:
-            self._report_claims(claims)
-            rejected = self._admit(claims)
-            self._dispatch(threads_only=True)  # async jobs start on the loop
+        rejected = self._start_from_waiter(claims) if idle else []
         # their lease is short until renewed (a worker that dies with an offer out strands
         # nothing for long): renew it now, once they run (the heartbeat keeps it from here on)
         with contextlib.suppress(Exception):
@@ -396,9 +392,14 @@ class Worker:
         if not claims:
             self._waiter_claiming = False  # nothing for the loop (nor a stop) to wait for
             return None
+        return self._start_from_waiter(claims)
+
+    def _start_from_waiter(self, claims: list[Claim]) -> list[tuple[Claim, Rejected]]:
+        """On the waiter thread of an idle worker: take in what it got and start the sync jobs
+        on the job threads (async ones start on the loop). Returns the rejected, for the loop."""
         self._report_claims(claims)
         rejected = self._admit(claims)
-        self._dispatch(threads_only=True)  # async jobs start on the loop
+        self._dispatch(threads_only=True)
         return rejected
 
     def _take_waiter_claims(self, watcher: asyncio.Future[_Waited]) -> None:

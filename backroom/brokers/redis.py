@@ -195,20 +195,24 @@ class RedisBroker(Broker):
         script = self._scripts[name]
 
         def call() -> Any:
-            connection = self._connection()
             try:
-                try:
-                    return _command(connection, "EVALSHA", script.sha, 1, *self._keys, *args)
-                except NoScriptError:  # a restarted or failed-over Redis forgot the scripts
-                    script.sha = _command(connection, "SCRIPT", "LOAD", script.script).decode()
-                    return _command(connection, "EVALSHA", script.sha, 1, *self._keys, *args)
-            except ResponseError:
-                raise  # an error reply: the connection is still in step
-            except BaseException:
-                self._drop_connection()  # a reply may be pending: never reuse it half-read
-                raise
+                return self._send("EVALSHA", script.sha, 1, *self._keys, *args)
+            except NoScriptError:  # a restarted or failed-over Redis forgot the scripts
+                script.sha = self._send("SCRIPT", "LOAD", script.script).decode()
+                return self._send("EVALSHA", script.sha, 1, *self._keys, *args)
 
         return self._link.call(call)
+
+    def _send(self, *args: Any) -> Any:
+        """One command down this thread's own connection, and its reply."""
+        connection = self._connection()
+        try:
+            return _command(connection, *args)
+        except ResponseError:
+            raise  # an error reply: the connection is still in step
+        except BaseException:
+            self._drop_connection()  # a reply may be pending: never reuse it half-read
+            raise
 
     def _connection(self) -> AbstractConnection:
         held: _Held | None = getattr(self._own, "held", None)
@@ -288,12 +292,7 @@ class RedisBroker(Broker):
         if timeout <= 0:
             return []
         try:
-            connection = self._connection()
-            try:
-                reply = _command(connection, "BLPOP", self._key("i", worker_id), round(timeout, 3))
-            except BaseException:
-                self._drop_connection()  # a reply may be pending: never reuse it half-read
-                raise
+            reply = self._send("BLPOP", self._key("i", worker_id), round(timeout, 3))
             if self._link.down:
                 self._link.restored()
         except (ConnectionError, TimeoutError, OSError) as exc:
