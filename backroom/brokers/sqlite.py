@@ -185,10 +185,7 @@ class _Transaction:
         broker = self.broker
         broker._lock.acquire()
         try:
-            try:  # _retry_busy's first attempt, made here: what nearly every call needs
-                broker._db.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                broker._retry_busy(broker._begin, exc)
+            broker._retry_busy(broker._begin)
         except BaseException as exc:
             broker._lock.release()
             if isinstance(exc, sqlite3.Error):
@@ -266,19 +263,15 @@ class SQLiteBroker(Broker):
             # executescript commits on its own; each CREATE is idempotent.
             self._retry_busy(lambda: self._db.executescript(SCHEMA + sqlite_stats.STATS_SCHEMA))
 
-    def _retry_busy(self, fn: Any, failed: sqlite3.OperationalError | None = None) -> Any:
-        """fn(), tried again with back-off while the database is locked or busy. `failed` is
-        the error of a first try the caller made itself: it counts as the first attempt."""
+    def _retry_busy(self, fn: Any) -> Any:
+        """fn(), tried again with back-off while the database is locked or busy."""
         for attempt in range(MAX_BUSY_RETRIES):
-            if failed is None:
-                try:
-                    return fn()
-                except sqlite3.OperationalError as exc:
-                    failed = exc
-            if "locked" not in str(failed) and "busy" not in str(failed):
-                raise failed
-            time.sleep(min(0.01 * 2**attempt, 1.0))
-            failed = None
+            try:
+                return fn()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                time.sleep(min(0.01 * 2**attempt, 1.0))
         return fn()
 
     # -- transactions ---------------------------------------------------------------------------
