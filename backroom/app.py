@@ -282,10 +282,9 @@ class App:
     ) -> Envelope:
         """One payload, checked, in `_template`'s envelope under its id, signed."""
         body = {} if payload is None else payload
-        if type(body) is dict:  # too_deep only reads it: no copy
-            if body and too_deep(body):
-                raise InvalidPayload(spec.name, None, f"nests more than {MAX_NESTING} levels deep")
-        elif isinstance(body, Mapping) and too_deep(dict(body)):
+        if type(body) is not dict and isinstance(body, Mapping):
+            body = dict(body)  # (a dict is only read here: no copy)
+        if type(body) is dict and body and too_deep(body):
             raise InvalidPayload(spec.name, None, f"nests more than {MAX_NESTING} levels deep")
         spec.check(body)
         self.check_size(spec.name, body)
