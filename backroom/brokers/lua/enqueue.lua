@@ -87,6 +87,7 @@ local lists, list_order = {}, {}
 for _, row in ipairs(take) do
   seq = seq + 1
   local id, env, job, queue, prio, due, meta = row[1], row[2], row[3], row[4], row[5], row[6], row[7]
+  local h = nil  -- the offer this job goes to
   if type(meta) ~= 'table' then meta = nil end
   if meta and meta.uk ~= nil then
     local untils = ''
@@ -110,7 +111,7 @@ for _, row in ipairs(take) do
   else
     local rec
     if meta then rec = {seq, env, now, meta} else rec = {seq, env, now} end
-    local h = hand_for(queue)
+    h = hand_for(queue)
     if h then
       local r = expand(rec, job, queue, tonumber(prio))
       count(r, 'queued', 1)  -- start_job moves it on to running (or cancelled, expired)
@@ -123,7 +124,6 @@ for _, row in ipairs(take) do
         items[#items + 1] = r.ai
         h.left = h.left - 1
       end
-      if meta then meta.x = nil end  -- (P:x: start_job has dealt with it)
     else
       redis.call('HSET', J, id, cmsgpack.pack(rec))
       local member = prio .. ':' .. job
@@ -138,7 +138,8 @@ for _, row in ipairs(take) do
       add(counts, job .. '\0' .. queue .. '\0queued', 1)
     end
   end
-  if meta and type(meta.x) == 'number' then zadd(P .. ':x', num(meta.x), id) end
+  -- a job waiting to start is in P:x by its expiry (one handed over has started)
+  if not h and meta and type(meta.x) == 'number' then zadd(P .. ':x', num(meta.x), id) end
   if meta and type(meta.tg) == 'table' then
     for _, tag in ipairs(meta.tg) do zadd(P .. ':t:' .. tag, seq, id) end
   end
