@@ -24,7 +24,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from queue import SimpleQueue
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from backroom.app import App, Context
 from backroom.brokers.base import Claim, WorkerInfo
@@ -61,16 +61,21 @@ __all__ = ["EXIT_OK", "EXIT_RECYCLE", "JobTimeout", "Worker", "WorkerCrashed"]
 class _JobThreads:
     """Daemon threads for calls that may block for long (the waiter's wait for work). Unlike
     ThreadPoolExecutor's they never hold up the process's exit; a thread is added whenever none
-    is idle. (Sync jobs run on the worker's own job threads, see Worker._job_thread.)"""
+    is idle. (Sync jobs run on the worker's own job threads, see Worker._job_thread, and the
+    first job an idle worker gets on the waiter's, see Worker._run_own.)"""
 
     def __init__(self) -> None:
         self._work: SimpleQueue[tuple[Future[Any], Callable[..., Any], Any]] = SimpleQueue()
         self._idle = threading.Semaphore(0)
         self._count = 0
 
-    def submit(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
-        future: Future[Any] = Future()
-        self._work.put((future, function, (args, kwargs)))
+    def submit(
+        self, function: Callable[..., T], *args: Any, then: Callable[[T], Any] | None = None
+    ) -> Future[T]:
+        """Run function(*args) on a thread; `then` gets its result on that same thread once the
+        future holds it."""
+        future: Future[T] = Future()
+        self._work.put((future, function, (args, then)))
         if not self._idle.acquire(blocking=False):
             self._count += 1
             threading.Thread(target=self._serve, name=f"backroom-job-{self._count}",
@@ -79,15 +84,17 @@ class _JobThreads:
 
     def _serve(self) -> None:
         while True:
-            future, function, (args, kwargs) = self._work.get()
+            future, function, (args, then) = self._work.get()
             if future.set_running_or_notify_cancel():
                 try:
-                    result = function(*args, **kwargs)
+                    result = function(*args)
                 except BaseException as exc:  # the job's failure, whatever it raised
                     future.set_exception(exc)
                 else:
                     future.set_result(result)
-            del future, function, args, kwargs
+                    if then is not None:
+                        then(result)
+            del future, function, args, then
             self._idle.release()
 
 
@@ -109,15 +116,22 @@ class _Running:
     finished: bool = False  # its function returned or raised
     abandoned: bool = False  # written off: its thread runs on, holding no slot
     thread: int | None = None  # sync jobs: the ident of the thread that runs it
+    on_waiter: bool = False  # sync jobs: it runs on the waiter's thread, not a job thread
     claimed: float = field(default_factory=time.monotonic)
     outcome_recorded: bool = False
     acked: bool = False  # its success waits in the ack batch
 
 
 _OK, _FAILED = True, False
-# what one wait of the waiter thread yields: jobs it rejected, and jobs handed over to this
-# worker that it left to the loop to take in
-_Waited = tuple[list[tuple[Claim, Rejected]], list[Claim]]
+
+
+class _Waited(NamedTuple):
+    """What one wait of the waiter thread yields, for the loop, then for the thread itself."""
+
+    rejected: list[tuple[Claim, Rejected]]  # for the loop to record
+    handed: Sequence[Claim] = ()  # handed over to a busy worker: for the loop to take in
+    own: _Running | None = None  # the sync job the thread then runs itself
+    received: Sequence[Claim] = ()  # handed over: their short lease is renewed then
 
 
 class Worker:
@@ -328,7 +342,7 @@ class Worker:
             watcher = self._watcher
             if watcher is None:
                 self._watcher = watcher = asyncio.wrap_future(
-                    self._waiter.submit(self._wait_and_claim)
+                    self._waiter.submit(self._wait_and_claim, then=self._run_own)
                 )
             if self._acks or self._done or self._outcomes:
                 continue
@@ -344,9 +358,11 @@ class Worker:
         and start the sync jobs on the job threads at once (no hop through the loop and the
         broker thread; a busy worker's loop claims). An idle worker claims before it waits
         too: a wake-up the last wait consumed may have come after the last claim. Returns the
-        rejected jobs, which the loop records, and jobs handed over for the loop to start."""
-        rejected = self._claim_if_idle()
-        if rejected is None:
+        rejected jobs, which the loop records, jobs handed over for the loop to start, and the
+        first sync job, which this thread runs itself (no hop to a job thread) once the loop
+        has the rest."""
+        started = self._claim_if_idle()
+        if started is None:
             if self._waiter_blind and not self._running:
                 self._wake()  # the loop may have looked before this wait began: look again
             try:
@@ -355,8 +371,9 @@ class Worker:
                 self._waiter_blind = False
             if handed:
                 return self._take_handed(handed)
-            rejected = self._claim_if_idle()
-        return rejected or [], []
+            started = self._claim_if_idle()
+        rejected, own = started or ([], None)
+        return _Waited(rejected, own=own)
 
     def _take_handed(self, claims: list[Claim]) -> _Waited:
         """On the waiter thread: jobs the broker claimed for this worker's offer. An idle worker
@@ -369,15 +386,13 @@ class Worker:
         if stopping:
             with contextlib.suppress(Exception):
                 self.broker.release(claims)
-            return [], []
-        rejected = self._start_from_waiter(claims) if idle else []
-        # their lease is short until renewed (a worker that dies with an offer out strands
-        # nothing for long): renew it now, once they run (the heartbeat keeps it from here on)
-        with contextlib.suppress(Exception):
-            self.broker.extend(claims, self.lease)
-        return (rejected, []) if idle else ([], claims)
+            return _Waited([])
+        if not idle:
+            return _Waited([], handed=claims, received=claims)
+        rejected, own = self._start_from_waiter(claims)
+        return _Waited(rejected, own=own, received=claims)
 
-    def _claim_if_idle(self) -> list[tuple[Claim, Rejected]] | None:
+    def _claim_if_idle(self) -> tuple[list[tuple[Claim, Rejected]], _Running | None] | None:
         """None when it claimed nothing; `_waiter_blind` says whether it asked the broker."""
         with self._lock:
             self._waiter_blind = True
@@ -394,13 +409,26 @@ class Worker:
             return None
         return self._start_from_waiter(claims)
 
-    def _start_from_waiter(self, claims: list[Claim]) -> list[tuple[Claim, Rejected]]:
+    def _start_from_waiter(
+        self, claims: list[Claim]
+    ) -> tuple[list[tuple[Claim, Rejected]], _Running | None]:
         """On the waiter thread of an idle worker: take in what it got and start the sync jobs
-        on the job threads (async ones start on the loop). Returns the rejected, for the loop."""
+        but the first on the job threads (async ones start on the loop). Returns the rejected,
+        for the loop, and the first sync job, for this thread to run."""
         self._report_claims(claims)
         rejected = self._admit(claims)
-        self._dispatch(threads_only=True)
-        return rejected
+        return rejected, self._dispatch(threads_only=True)
+
+    def _run_own(self, waited: _Waited) -> None:
+        """On the waiter thread, once the loop has what the wait yielded: run the job it kept,
+        then those waiting for its slot, as a job thread would (the loop has started another
+        wait meanwhile; this thread then serves the waits again)."""
+        if waited.own is not None:
+            self._run_chain(waited.own, on_waiter=True)
+
+    def _receive(self, claims: Sequence[Claim]) -> None:
+        with contextlib.suppress(Exception):  # unrenewed, they come back to the queue uncounted
+            self.broker.extend(claims, self.lease)
 
     def _take_waiter_claims(self, watcher: asyncio.Future[_Waited]) -> None:
         """After a wait: record what it rejected, take in the jobs handed over that it left to
@@ -408,7 +436,12 @@ class Worker:
         self._waiter_claiming = False
         if watcher.cancelled() or watcher.exception() is not None:
             return
-        rejected, handed = watcher.result()
+        rejected, handed, _own, received = watcher.result()
+        if received:
+            # their lease is short until renewed (a worker that dies with an offer out strands
+            # nothing for long): the broker thread renews it now (the heartbeat from there on),
+            # not the waiter thread, which starts the first of them meanwhile
+            self._io.submit(self._receive, received)
         if handed:
             self._report_claims(handed)
             rejected = [*rejected, *self._admit(handed)]
@@ -481,18 +514,23 @@ class Worker:
         self._count_done()
         self._done.append(claim.id)
 
-    def _dispatch(self, threads_only: bool = False) -> None:
+    def _dispatch(self, threads_only: bool = False) -> _Running | None:
         """Start waiting jobs while slots are free: sync ones on the job threads, async ones as
-        tasks on the loop (`threads_only`: sync ones alone, from the waiter thread)."""
+        tasks on the loop. `threads_only` (from the waiter thread): sync ones alone, and the
+        first is returned for the caller to run instead."""
         if self._stopping or self._recycle:
-            return  # the jobs claimed ahead go back at shutdown
+            return None  # the jobs claimed ahead go back at shutdown
         started: list[_Running] = []
+        own = None
         with self._lock:
             if threads_only:
                 started = [e for e in self._pending if not e.spec.is_async][: max(0, self._free)]
                 for entry in started:
                     self._pending.remove(entry)
                 self._free -= len(started)
+                if started:
+                    own = started.pop(0)
+                    own.on_waiter = True
             while not threads_only and self._free > 0 and self._pending:
                 started.append(self._pending.popleft())
                 self._free -= 1
@@ -505,34 +543,43 @@ class Worker:
                 entry.task = asyncio.create_task(self._execute_async(entry), name=entry.claim.id)
             else:
                 self._jobs.put(entry)
+        return own
 
     # -- sync jobs: on the job threads -----------------------------------------------------------
     def _job_thread(self) -> None:
-        while True:
-            entry: _Running | None = self._jobs.get()
-            while entry is not None:
-                kind, value = self._run_sync(entry)
-                if self.max_memory_mb is not None:  # after each job, as a leak shows up there
-                    self._check_memory()
-                with self._lock:
-                    if entry.abandoned:  # written off while it ran: its slot went on without it
+        while self._run_chain(self._jobs.get()):
+            pass
+
+    def _run_chain(self, entry: _Running | None, on_waiter: bool = False) -> bool:
+        """Run a sync job, then the sync jobs waiting for its slot (the slot passes on, no
+        hop). False once this thread must end: a job it ran was written off meanwhile (a job
+        thread's place went to a new one; the waiter's thread never held one)."""
+        while entry is not None:
+            kind, value = self._run_sync(entry)
+            if self.max_memory_mb is not None:  # after each job, as a leak shows up there
+                self._check_memory()
+            with self._lock:
+                if entry.abandoned:  # written off while it ran: its slot went on without it
+                    if not on_waiter:
                         self._thread_count -= 1
                         self._thread_limit -= 1
-                        return
-                    after = None
-                    if (
-                        self._pending
-                        and not (self._stopping or self._recycle)
-                        and not self._pending[0].spec.is_async
-                    ):
-                        after = self._pending.popleft()  # the slot passes on, no hop
-                    else:
-                        self._free += 1
-                self._outcomes.append((entry, kind, value))
-                if not self._outcomes_told:
-                    self._outcomes_told = True
-                    self._wake()
-                entry = after
+                    return False
+                after = None
+                if (
+                    self._pending
+                    and not (self._stopping or self._recycle)
+                    and not self._pending[0].spec.is_async
+                ):
+                    after = self._pending.popleft()  # the slot passes on, no hop
+                    after.on_waiter = on_waiter
+                else:
+                    self._free += 1
+            self._outcomes.append((entry, kind, value))
+            if not self._outcomes_told:
+                self._outcomes_told = True
+                self._wake()
+            entry = after
+        return True
 
     def _began(self, entry: _Running) -> None:
         entry.started = time.monotonic()
@@ -677,7 +724,8 @@ class Worker:
                 return False
             entry.abandoned = True
             self._free += 1
-            self._thread_limit += 1
+            if not entry.on_waiter:
+                self._thread_limit += 1  # a job thread's place goes to a new one
         entry.outcome_recorded = True
         self._abandon(entry, why)
         self._forget(entry)

@@ -144,6 +144,47 @@ def test_a_sync_job_past_its_timeout_fails_with_a_timeout_error_and_the_worker_k
     assert [h.status() for h in after] == ["succeeded"] * 3
 
 
+def test_a_job_written_off_on_the_thread_that_fetched_it_leaves_the_worker_at_full_strength(
+    app: backroom.App,
+) -> None:
+    back = threading.Event()
+
+    @app.job(retries=0, timeout=0.3)
+    def stuck_then_back() -> None:
+        app.gates["late"].wait(30)  # type: ignore[attr-defined]
+        back.set()
+
+    # an idle worker runs the first job it gets on the thread that waited for it
+    with serving(app, concurrency=2) as worker:
+        assert final(app.enqueue("remember", {"n": -1}))["state"] == "succeeded"
+        wait_until(lambda: worker._watcher and not (worker._running or worker._loop_claiming),
+                   deadline_s=20, what="the worker to wait idle")  # fmt: skip
+        stuck = app.enqueue("stuck_then_back")
+        assert final(stuck)["error"]["type"] == "JobTimeout"
+        app.gates["late"].set()  # type: ignore[attr-defined]
+        assert back.wait(20)  # the written-off job's thread is back
+        for round_ in range(3):  # both slots, on a job thread and on the waiter's
+            handles = app.enqueue_many("remember", [{"n": round_ * 2 + i} for i in range(2)])
+            assert [final(h)["state"] for h in handles] == ["succeeded"] * 2
+        # every slot is free again, none twice
+        wait_until(lambda: worker._free == 2 and not worker._running, deadline_s=20,
+                   what="the worker to be idle")  # fmt: skip
+        assert worker._free == 2
+
+
+def test_jobs_that_come_one_at_a_time_run_without_the_worker_gaining_threads(
+    app: backroom.App,
+) -> None:
+    with serving(app, concurrency=2):
+        assert final(app.enqueue("remember", {"n": 0}))["state"] == "succeeded"
+        threads = threading.active_count()
+        for n in range(1, 25):
+            assert final(app.enqueue("remember", {"n": n}))["state"] == "succeeded"
+        # the thread that ran the job it fetched went back to waiting (one more may be
+        # starting a wait as this counts)
+        assert threading.active_count() <= threads + 1
+
+
 def test_an_async_job_past_its_timeout_is_cancelled_and_fails_with_a_timeout_error(
     app: backroom.App,
 ) -> None:
@@ -442,7 +483,7 @@ def test_a_worker_that_ended_never_claims_again_from_its_waiter_thread(app: back
     assert worker.run() == 0  # nothing to do: it ends without being stopped
     handle = app.enqueue("remember", {"n": 1})
     # its waiter thread may still be blocked in a wait that this enqueue ends: it must not claim
-    assert worker._wait_and_claim() == ([], [])
+    assert worker._wait_and_claim() == ([], (), None, ())
     assert handle.status() == "queued"
 
 
