@@ -92,6 +92,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             max_memory_mb=args.max_memory_per_child if args.child else None, child=args.child,
             timeout=args.timeout, prefetch=args.prefetch,
         )  # fmt: skip
+        _trim_heap()
         return worker.run()
     from backroom.supervisor import Supervisor
 
@@ -115,6 +116,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.verbose:
         child_args.append("--verbose")
     return Supervisor(child_args, args.processes, burst=args.burst, scheduler=args.scheduler).run()
+
+
+def _trim_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc's malloc_trim; elsewhere nothing):
+    importing the app and connecting leave about 1 MB freed but still resident in a worker."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # a libc without malloc_trim
+        return
+    trim(0)
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:

@@ -3,7 +3,6 @@ from backroom, so any layer may raise them."""
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
 
 
@@ -29,6 +28,8 @@ class UnknownJob(CheckFailed):
             hint = f"; pass its name, {name!r}" if name in self.known else ""
             super().__init__(f"a job is named by a string, got {type(job).__name__} {job!r}{hint}")
             return
+        import difflib  # only for this message: a worker has no other use for it
+
         near = difflib.get_close_matches(job, self.known, n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
         listed = ", ".join(self.known) or "none"

@@ -340,3 +340,51 @@ def healthy(port: int) -> bool:
             return bool(response.status == 200)
     except OSError:
         return False
+
+
+# What a Redis worker process leaves out (issue #9, its memory): the cron parser and the
+# scheduler, the SQLite broker, the dashboard and the terminal tables, and difflib (an error
+# message's "did you mean"). Each is imported where it is used, never by the worker's path.
+NOT_IN_A_REDIS_WORKER = (
+    "croniter",
+    "backroom.scheduler",
+    "sqlite3",
+    "backroom.brokers.sqlite",
+    "backroom.web",
+    "starlette",
+    "rich",
+    "backroom.terminal",
+    "difflib",
+)
+WORKER_THEN_MODULES = """
+import json, sys
+from backroom.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
+"""
+
+
+@pytest.mark.redis
+def test_a_redis_worker_imports_nothing_it_does_not_use(tmp_path: Path, redis_server: str) -> None:
+    (tmp_path / "plainjobs.py").write_text(
+        "import backroom\n\napp = backroom.App(source='api')\n\n\n"
+        "@app.job()\ndef add(a: int, b: int) -> int:\n    return a + b\n"
+    )
+    url = f"{redis_server}?prefix=imports"
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    enqueue = [sys.executable, "-m", "backroom", "enqueue", "--app", "plainjobs:app", "--url", url,
+               "add", '{"a": 2, "b": 3}']  # fmt: skip
+    job_id = subprocess.run(enqueue, env=env, cwd=tmp_path, check=True, capture_output=True,
+                            text=True, timeout=60).stdout.strip()  # fmt: skip
+    worker = [sys.executable, "-c", WORKER_THEN_MODULES, "worker", "--app", "plainjobs:app",
+              "--url", url, "--in-process", "--burst"]  # fmt: skip
+    proc = subprocess.run(worker, env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["code"] == 0 and "backroom.brokers.redis" in seen["modules"], proc.stderr
+    result = [sys.executable, "-m", "backroom", "result", "--app", "plainjobs:app", "--url", url,
+              job_id]  # fmt: skip
+    ran = subprocess.run(result, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert ran.stdout.strip() == "5", ran.stderr
+    assert [m for m in NOT_IN_A_REDIS_WORKER if m in seen["modules"]] == []
