@@ -180,7 +180,13 @@ def new_id() -> str:
 
 
 def new_ids(count: int) -> list[str]:
-    """`count` ids as new_id makes them, from one read of the system's randomness."""
-    noise = os.urandom(5 * count).hex()
+    """`count` ids as new_id makes them, from one read of the system's randomness: they share
+    the microsecond, so the random part counts up from a random start. No two of a batch are
+    alike (40 random bits each would clash about once in 100 batches of 150,000), and they sort
+    in the batch's order."""
+    start = int.from_bytes(os.urandom(5), "big") % (_RANDOM_IDS - count + 1)
     micros = f"{time.time_ns() // 1000:013x}"
-    return [micros + noise[10 * i : 10 * i + 10] for i in range(count)]
+    return [f"{micros}{n:010x}" for n in range(start, start + count)]
+
+
+_RANDOM_IDS = 1 << 40  # an id's random part: 10 hex digits
