@@ -66,6 +66,24 @@ def test_a_job_enqueued_into_an_idle_worker_reaches_its_wait_already_claimed(
     assert finished is not None and finished.state == State.SUCCEEDED
 
 
+def test_a_worker_with_jobs_in_its_inbox_gets_no_new_offer_until_it_took_them(
+    broker: RedisBroker,
+) -> None:
+    # it claims (and offers) again before it waits: the job handed for the last offer may
+    # already sit in its inbox, and a second offer would take more than it has room for
+    _offer(broker, limit=1)
+    first = broker.enqueue([envelope_for("resize_video")], now=T + 1)[0]
+    _offer(broker, limit=1, now=T + 2)
+    second = broker.enqueue([envelope_for("resize_video")], now=T + 3)[0]
+    assert broker.get(second).state == State.QUEUED  # type: ignore[union-attr]
+    assert [c.id for c in broker.wait_for_work(["default"], 1.0, "w1")] == [first]
+    assert _inbox(broker, "w1") == []
+    claimed = broker.claim(["default"], "w1", 30, 2, now=T + 4, offer=True)
+    assert [c.id for c in claimed] == [second]  # and, its inbox empty, it offers again
+    third = broker.enqueue([envelope_for("resize_video")], now=T + 5)[0]
+    assert broker.get(third).state == State.RUNNING  # type: ignore[union-attr]
+
+
 def test_an_offer_takes_as_many_jobs_as_the_claim_lacked_and_the_rest_wait_queued(
     broker: RedisBroker,
 ) -> None:

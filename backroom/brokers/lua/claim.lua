@@ -4,8 +4,8 @@
 -- Reads P:paused, P:Q:<queue>; pops P:l:<queue>:* lists and P:g:<queue>:* zsets; writes P:j,
 -- P:lease, P:s:*, P:n:*, P:c, P:h, P:T, P:Tn, P:cl:<salt>, P:o, P:o:*; a job past its expiry
 -- ends cancelled ("expired") in P:d. With offer seconds > 0, a call that claims fewer than
--- `limit` leaves an offer for the rest (common.lua, take_offer), one that claims `limit` takes
--- the worker's offer back.
+-- `limit` leaves an offer for the rest (common.lua, take_offer) unless the worker's inbox holds
+-- anything; one that claims `limit` takes the worker's offer back.
 -- Order: queues as given, then higher priority, then lower seq (oldest first).
 -- Returns msgpack: a flat array [id, envelope, attempts, attempt id, ...] (one bulk reply
 -- parses far faster in Python than a long multi-bulk one).
@@ -175,7 +175,9 @@ if n > 0 then  -- (id, attempt id) per job, for a repeat of this call; kept for 
   redis.call('SET', made, cmsgpack.pack(claimed), 'PX', ttl_ms)
 end
 if offer_s > 0 then  -- replaces this worker's offer, if it had one
-  if n < limit then
+  -- none while its inbox holds anything: what the last offer brought may fill its room (it
+  -- takes that first, then claims and offers again)
+  if n < limit and redis.call('LLEN', k_inbox(worker)) == 0 then
     -- a job handed over is leased for the offer's time at first (a worker that died with its
     -- offer out strands it no longer); the worker renews it in full once it has it
     local o = {now + offer_s, limit - n, math.min(lease_until - now, offer_s), salt .. 'h'}
