@@ -131,7 +131,7 @@ class _Waited(NamedTuple):
     rejected: list[tuple[Claim, Rejected]]  # for the loop to record
     handed: Sequence[Claim] = ()  # handed over to a busy worker: for the loop to take in
     own: _Running | None = None  # the sync job the thread then runs itself
-    received: Sequence[Claim] = ()  # handed over: their short lease is renewed then
+    received: Sequence[Claim] = ()  # handed to an idle worker: their short lease is renewed then
 
 
 class Worker:
@@ -388,7 +388,11 @@ class Worker:
                 self.broker.release(claims)
             return _Waited([])
         if not idle:
-            return _Waited([], handed=claims, received=claims)
+            # their lease is short until renewed (a worker that dies with an offer out strands
+            # nothing for long): renewed here, as the loop may be held up (an async job that
+            # blocks it), and nothing waits on this thread
+            self._receive(claims)
+            return _Waited([], handed=claims)
         rejected, own = self._start_from_waiter(claims)
         return _Waited(rejected, own=own, received=claims)
 
@@ -438,9 +442,9 @@ class Worker:
             return
         rejected, handed, _own, received = watcher.result()
         if received:
-            # their lease is short until renewed (a worker that dies with an offer out strands
-            # nothing for long): the broker thread renews it now (the heartbeat from there on),
-            # not the waiter thread, which starts the first of them meanwhile
+            # handed to an idle worker (so nothing holds the loop up): the broker thread renews
+            # their short lease now (the heartbeat from there on), not the waiter thread, which
+            # starts the first of them meanwhile
             self._io.submit(self._receive, received)
         if handed:
             self._report_claims(handed)
