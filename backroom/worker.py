@@ -428,7 +428,7 @@ class Worker:
         then those waiting for its slot, as a job thread would (the loop has started another
         wait meanwhile; this thread then serves the waits again)."""
         if waited.own is not None:
-            self._run_chain(waited.own, on_waiter=True)
+            self._run_chain(waited.own)
 
     def _receive(self, claims: Sequence[Claim]) -> None:
         with contextlib.suppress(Exception):  # unrenewed, they come back to the queue uncounted
@@ -554,17 +554,18 @@ class Worker:
         while self._run_chain(self._jobs.get()):
             pass
 
-    def _run_chain(self, entry: _Running | None, on_waiter: bool = False) -> bool:
+    def _run_chain(self, entry: _Running | None) -> bool:
         """Run a sync job, then the sync jobs waiting for its slot (the slot passes on, no
-        hop). False once this thread must end: a job it ran was written off meanwhile (a job
-        thread's place went to a new one; the waiter's thread never held one)."""
+        hop; they run on the same kind of thread, `on_waiter`). False once this thread must
+        end: a job it ran was written off meanwhile (a job thread's place went to a new one;
+        the waiter's thread never held one)."""
         while entry is not None:
             kind, value = self._run_sync(entry)
             if self.max_memory_mb is not None:  # after each job, as a leak shows up there
                 self._check_memory()
             with self._lock:
                 if entry.abandoned:  # written off while it ran: its slot went on without it
-                    if not on_waiter:
+                    if not entry.on_waiter:
                         self._thread_count -= 1
                         self._thread_limit -= 1
                     return False
@@ -575,7 +576,7 @@ class Worker:
                     and not self._pending[0].spec.is_async
                 ):
                     after = self._pending.popleft()  # the slot passes on, no hop
-                    after.on_waiter = on_waiter
+                    after.on_waiter = entry.on_waiter
                 else:
                     self._free += 1
             self._outcomes.append((entry, kind, value))
