@@ -174,6 +174,9 @@ def decode_json(data: bytes | str | None) -> JSON:
     return None if data is None else msgspec.json.decode(data)
 
 
+_RANDOM_IDS = 1 << 40  # an id's random part: 10 hex digits
+
+
 def new_id() -> str:
     """A 23-character id that sorts by creation time (microseconds, then 40 random bits)."""
     return f"{time.time_ns() // 1000:013x}{os.urandom(5).hex()}"  # hex(): 10 digits, big-endian
@@ -187,6 +190,3 @@ def new_ids(count: int) -> list[str]:
     start = int.from_bytes(os.urandom(5), "big") % (_RANDOM_IDS - count + 1)
     micros = f"{time.time_ns() // 1000:013x}"
     return [f"{micros}{n:010x}" for n in range(start, start + count)]
-
-
-_RANDOM_IDS = 1 << 40  # an id's random part: 10 hex digits
